@@ -1,0 +1,51 @@
+# imgcls: `make run` runs the pipeline, `make test` the tests; both set up .venv first.
+#
+# Offline, point KERAS_CACHE at a pre-seeded Keras cache (a folder with datasets/
+# and models/): its files are linked into a writable .keras-home/, which becomes
+# KERAS_HOME, so the ordinary download code finds them already cached.
+#   make run KERAS_CACHE=/path/to/keras-cache
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+KERAS_CACHE ?=
+
+# Stage commands in dvc.yaml say `python`: make it the project's interpreter.
+export PATH := $(BIN):$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+ifneq ($(KERAS_CACHE),)
+export KERAS_HOME := $(CURDIR)/.keras-home
+endif
+
+.PHONY: setup run test bench keras-home clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+keras-home:
+ifneq ($(KERAS_CACHE),)
+	@test -d "$(KERAS_CACHE)" || { echo "KERAS_CACHE=$(KERAS_CACHE) is not a folder"; exit 2; }
+	@mkdir -p $(KERAS_HOME)/datasets $(KERAS_HOME)/models
+	@for sub in datasets models; do \
+	  for file in "$(KERAS_CACHE)"/$$sub/*; do \
+	    [ -e "$$file" ] && ln -sf "$$(cd "$$(dirname "$$file")" && pwd)/$$(basename "$$file")" $(KERAS_HOME)/$$sub/; \
+	  done; \
+	done; true
+endif
+
+run: setup keras-home
+	dvc repro
+
+test: setup keras-home
+	python -m pytest
+
+bench: setup keras-home
+	python tests/benchmark.py
+
+clean:
+	rm -rf $(VENV) .keras-home

@@ -1,0 +1,116 @@
+"""Where each stage's data lives, how it is read, and how outputs are written safely.
+
+The resized images are one packed uint8 array (`images.npy`, memory-mapped on
+read) beside an index CSV with one row per image. DVC hashes a directory output
+file by file, so tens of thousands of small JPEGs make every `dvc status` slow;
+two files keep it instant whatever the dataset's size.
+"""
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from imgcls.errors import UserError
+
+RAW_DIR = Path("data/raw")
+RESIZED_DIR = Path("data/resized")
+IMAGES_FILE = RESIZED_DIR / "images.npy"
+INDEX_FILE = RESIZED_DIR / "index.csv"
+SPLIT_DIR = Path("data/split")
+MANIFEST_FILE = SPLIT_DIR / "manifest.csv"
+CLASSES_FILE = SPLIT_DIR / "classes.txt"
+REPORTS_DIR = Path("reports")
+MODELS_DIR = Path("models")
+
+# Folder names of a predefined split in a source, and the split each one means.
+PREDEFINED_SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLITS = ("train", "val", "test")
+
+
+def class_folders(raw: Path = RAW_DIR) -> list[tuple[str, str, Path]]:
+    """(predefined split or "", class name, folder) for every class folder of a raw dataset."""
+    top = sorted(entry for entry in Path(raw).iterdir() if entry.is_dir())
+    if top and all(entry.name in SPLITS for entry in top):
+        return [
+            (split.name, folder.name, folder)
+            for split in top
+            for folder in sorted(entry for entry in split.iterdir() if entry.is_dir())
+        ]
+    return [("", folder.name, folder) for folder in top]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every file below a class folder, in a stable order (sub-folders included)."""
+    return sorted(path for path in folder.rglob("*") if path.is_file())
+
+
+def require(path: Path, produced_by: str) -> Path:
+    """Fail with the command to run when an upstream output is missing."""
+    if not Path(path).exists():
+        raise UserError(f"{path} not found: it is made by the '{produced_by}' stage; run `dvc repro {produced_by}`.")
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str):
+    """Yield a temporary path beside `path`; move it into place only if the block succeeds.
+
+    An interrupted or failed stage therefore never leaves a half-written file
+    that a later stage would read as if it were complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(descriptor)
+    try:
+        yield Path(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes files private; outputs are ordinary files
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_json(path: Path | str, data) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(path: Path | str, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as temporary:
+        frame.to_csv(temporary, index=False)
+
+
+def load_class_names() -> list[str]:
+    """The ordered class list every model stage uses: label index i means class_names[i]."""
+    text = require(CLASSES_FILE, "split").read_text()
+    return [line for line in text.splitlines() if line]
+
+
+def load_manifest() -> pd.DataFrame:
+    return pd.read_csv(require(MANIFEST_FILE, "split"), keep_default_na=False)
+
+
+def load_images() -> np.ndarray:
+    """All resized images as a read-only memory map: (N, size, size, 3) uint8, row i = index id i."""
+    return np.load(require(IMAGES_FILE, "resize"), mmap_mode="r")
+
+
+def load_split(split: str, manifest: pd.DataFrame | None = None, images: np.ndarray | None = None):
+    """Return (images, labels, rows) of one split: uint8 pixels in memory, int labels, manifest rows."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    manifest = load_manifest() if manifest is None else manifest
+    images = load_images() if images is None else images
+    rows = manifest[manifest["split"] == split].reset_index(drop=True)
+    if len(rows) and rows["id"].max() >= len(images):
+        raise UserError(f"{MANIFEST_FILE} does not match {IMAGES_FILE}: rerun `dvc repro split`.")
+    pixels = np.asarray(images[rows["id"].to_numpy()])
+    return pixels, rows["label_index"].to_numpy(dtype=np.int64), rows

@@ -1,0 +1,74 @@
+"""Saving and loading trained models together with what is needed to use them.
+
+A model is two files under models/:
+  <name>.keras  the native Keras model. Its input is (size, size, 3) RGB pixels
+                as floats in 0..255, exactly the arrays `resize` writes; every
+                preprocessing step (rescaling, the base network's own
+                normalisation, resizing to its input size) is inside the model.
+                Its output is softmax probabilities over the classes.
+  <name>.json   the model card: class names in output order, the image
+                geometry new photos must be brought to, validation accuracy.
+Both are written atomically, so an interrupted stage never leaves a model
+that a later stage would load.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from imgcls.dataset import MODELS_DIR, atomic_path, load_class_names
+from imgcls.errors import UserError
+
+MODEL_NAMES = ("cnn", "transfer")
+PRODUCED_BY = {"cnn": "train_cnn", "transfer": "train_transfer"}
+
+
+def model_path(name: str) -> Path:
+    return MODELS_DIR / f"{name}.keras"
+
+
+def card_path(name: str) -> Path:
+    return MODELS_DIR / f"{name}.json"
+
+
+def save_model(model, name: str, card: dict) -> None:
+    """Write models/<name>.keras and models/<name>.json, each atomically."""
+    with atomic_path(model_path(name)) as temporary:
+        os.remove(temporary)  # Keras refuses to overwrite the empty placeholder
+        model.save(temporary)
+    with atomic_path(card_path(name)) as temporary:
+        temporary.write_text(json.dumps(card, indent=2) + "\n")
+
+
+def load_card(model_file: Path | str) -> dict:
+    model_file = Path(model_file)
+    card_file = model_file.with_suffix(".json")
+    if not card_file.exists():
+        raise UserError(f"{card_file} not found: a model needs its card beside it; retrain it with its stage.")
+    return json.loads(card_file.read_text())
+
+
+def load_model(model_file: Path | str, check_classes: bool = True):
+    """Load a saved model and its card; refuse a model whose classes differ from data/split/classes.txt."""
+    import keras
+
+    model_file = Path(model_file)
+    name = model_file.stem
+    if not model_file.exists():
+        stage = PRODUCED_BY.get(name)
+        hint = f"run `dvc repro {stage}`" if stage else "check the path"
+        raise UserError(f"{model_file} not found: {hint}.")
+    card = load_card(model_file)
+    # safe_mode refuses models that would run arbitrary Python code (Lambda layers) on load.
+    model = keras.saving.load_model(model_file, safe_mode=True)
+    if check_classes:
+        expected = load_class_names()
+        if card["class_names"] != expected:
+            raise UserError(
+                f"{model_file} was trained on classes {card['class_names']}, but data/split/classes.txt lists"
+                f" {expected}: retrain it (`dvc repro {PRODUCED_BY.get(name, 'train_cnn')}`)."
+            )
+    outputs = model.output_shape[-1]
+    if outputs != len(card["class_names"]):
+        raise UserError(f"{model_file} has {outputs} outputs but its card lists {len(card['class_names'])} classes: retrain it.")
+    return model, card
