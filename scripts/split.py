@@ -1,43 +1,64 @@
 """Stage `split`: a seeded, stratified train/val/test split, written as a manifest.
 
 A split the source already has (CIFAR-10's test/, a dataset's valid/) is kept;
-only the missing splits are carved out of train/. Duplicates found by `resize`
+only the missing splits are carved out of train/. A few photos per class are
+held out of all three and copied to data/holdout/ for predict_new to show. Duplicates found by `resize`
 move as one unit, so no photo can sit in train and test at once.
 """
 
+import shutil
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from imgcls.dataset import CLASSES_FILE, INDEX_FILE, MANIFEST_FILE, REPORTS_DIR, SPLITS, atomic_path, require, write_csv, write_json
+from imgcls.dataset import (
+    CLASSES_FILE,
+    HOLDOUT_DIR,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    RAW_DIR,
+    REPORTS_DIR,
+    SPLITS,
+    atomic_path,
+    require,
+    write_csv,
+    write_json,
+)
 from imgcls.errors import UserError, run_stage
 from imgcls.params import load_params
 
 REPORT_DIR = REPORTS_DIR / "split"
 
 
-def _carve(pool: pd.DataFrame, fractions: dict[str, float], seed: int) -> pd.Series:
+def _carve(pool: pd.DataFrame, fractions: dict[str, float], holdout: int, seed: int) -> pd.Series:
     """Assign each row of `pool` to a split, class by class, keeping duplicate groups together.
 
     `fractions` maps "train" and the splits to carve out of the pool to their
-    shares. Every class gets at least one group in each split; train gets the rest.
+    shares. First `holdout` images per class are set aside for predict_new;
+    then every class gets at least one group in each split; train gets the rest.
     """
     carved = [split for split in ("test", "val") if split in fractions]
     group_split: dict[int, str] = {}
     for class_name, rows in pool.groupby("label", sort=True):
         sizes = rows.groupby("group")["id"].size()
         sizes = sizes[~sizes.index.isin(group_split)]  # a group spanning classes goes with its first class
-        if len(sizes) < len(carved) + 1:
+        needed = holdout + len(carved) + 1
+        if len(sizes) < needed:
             raise UserError(
                 f"class '{class_name}' has {len(sizes)} distinct image(s) (duplicates count once) but needs at least"
-                f" {len(carved) + 1} to put one in each of train, {', '.join(carved)}:"
-                " add images to it, remove the class, or use a source with its own split folders."
+                f" {needed}: {holdout} held out (split.holdout_per_class) and one in each of"
+                f" {', '.join(['train'] + carved)}. Add images to it, remove the class, or lower split.holdout_per_class."
             )
         # A per-class random stream keeps each class's split stable when another class changes.
         rng = np.random.default_rng([seed, zlib.crc32(str(class_name).encode())])
         order = sizes.index.to_numpy()[rng.permutation(len(sizes))]
-        total = int(sizes.sum())
+        # Held-out images are single photos (not duplicates), so none of them has a twin in training.
+        singles = [group for group in order if sizes[group] == 1][:holdout]
+        group_split.update(dict.fromkeys(singles, "holdout"))
+        order = np.array([group for group in order if group not in set(singles)])
+        total = int(sizes.sum()) - len(singles)
         cursor = 0
         for number, split in enumerate(carved):
             target = max(1, round(total * fractions[split]))
@@ -51,6 +72,18 @@ def _carve(pool: pd.DataFrame, fractions: dict[str, float], seed: int) -> pd.Ser
     return pool["group"].map(group_split)
 
 
+def _write_holdout(rows: pd.DataFrame) -> None:
+    """Copy the held-out photos to data/holdout/<class>/ for predict_new, swapping the folder in whole."""
+    building = HOLDOUT_DIR.with_name(f".{HOLDOUT_DIR.name}.tmp")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    for row in rows.itertuples():
+        (building / row.label).mkdir(exist_ok=True)
+        shutil.copyfile(RAW_DIR / row.path, building / row.label / Path(row.path).name)
+    shutil.rmtree(HOLDOUT_DIR, ignore_errors=True)
+    building.rename(HOLDOUT_DIR)
+
+
 def main() -> None:
     params = load_params()
     index = pd.read_csv(require(INDEX_FILE, "resize"), keep_default_na=False)
@@ -60,7 +93,7 @@ def main() -> None:
 
     if not predefined:
         how = dict.fromkeys(SPLITS, "carved")
-        index["split"] = _carve(index, wanted, params.split.seed)
+        pool, fractions = index, wanted
     else:
         if "train" not in predefined:
             raise UserError(
@@ -69,12 +102,11 @@ def main() -> None:
         missing = [split for split in SPLITS if split not in predefined]
         how = {split: "carved from train" if split in missing else "predefined" for split in SPLITS}
         index["split"] = index["source_split"]
-        if missing:
-            # Carve the missing splits out of train/ in the proportions params give them.
-            share = sum(wanted[split] for split in missing + ["train"])
-            fractions = {split: wanted[split] / share for split in missing + ["train"]}
-            train_rows = index[index["source_split"] == "train"]
-            index.loc[train_rows.index, "split"] = _carve(train_rows, fractions, params.split.seed)
+        # Carve the missing splits out of train/ in the proportions params give them.
+        share = sum(wanted[split] for split in missing + ["train"])
+        fractions = {split: wanted[split] / share for split in missing + ["train"]}
+        pool = index[index["source_split"] == "train"]
+    index.loc[pool.index, "split"] = _carve(pool, fractions, params.split.holdout_per_class, params.split.seed)
 
     class_names = sorted(index["label"].unique())
     index["label_index"] = index["label"].map({name: position for position, name in enumerate(class_names)})
@@ -92,8 +124,9 @@ def main() -> None:
     leaking = index[index["group"].isin(split_count[split_count > 1].index)]
 
     manifest = index[["id", "path", "label", "label_index", "split"]]
-    counts = pd.crosstab(index["label"], index["split"]).reindex(columns=list(SPLITS), fill_value=0)
+    counts = pd.crosstab(index["label"], index["split"]).reindex(columns=[*SPLITS, "holdout"], fill_value=0)
     counts["total"] = counts.sum(axis=1)
+    _write_holdout(index[index["split"] == "holdout"])
     write_csv(MANIFEST_FILE, manifest)
     with atomic_path(CLASSES_FILE) as temporary:
         temporary.write_text("\n".join(class_names) + "\n")
@@ -101,6 +134,7 @@ def main() -> None:
     write_csv(REPORT_DIR / "duplicates_across_splits.csv", leaking[["id", "path", "label", "split", "duplicate_group"]])
     summary = {
         "splits": {split: {"images": int((index["split"] == split).sum()), "how": how[split]} for split in SPLITS},
+        "holdout": int((index["split"] == "holdout").sum()),
         "classes": len(class_names),
         "duplicate_images_across_splits": len(leaking),
     }

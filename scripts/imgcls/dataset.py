@@ -24,6 +24,7 @@ INDEX_FILE = RESIZED_DIR / "index.csv"
 SPLIT_DIR = Path("data/split")
 MANIFEST_FILE = SPLIT_DIR / "manifest.csv"
 CLASSES_FILE = SPLIT_DIR / "classes.txt"
+HOLDOUT_DIR = Path("data/holdout")
 REPORTS_DIR = Path("reports")
 MODELS_DIR = Path("models")
 

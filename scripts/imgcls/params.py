@@ -48,6 +48,7 @@ class SplitParams(Section):
     train: float = Field(gt=0, lt=1)
     val: float = Field(gt=0, lt=1)
     test: float = Field(gt=0, lt=1)
+    holdout_per_class: int = Field(ge=0)
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self):
