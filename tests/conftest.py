@@ -76,15 +76,15 @@ class Project:
             target[key] = value
         (self.root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
-    def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(command, cwd=self.root, env=stage_env(), capture_output=True, text=True)
+    def run(self, *command: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        result = subprocess.run(command, cwd=self.root, env={**stage_env(), **(env or {})}, capture_output=True, text=True)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result
 
-    def stage(self, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def stage(self, name: str, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run scripts/<name>.py directly (not through DVC)."""
-        return self.run(sys.executable, f"scripts/{name}.py", *args, check=check)
+        return self.run(sys.executable, f"scripts/{name}.py", *args, check=check, env=env)
 
     def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.run(sys.executable, "-m", "dvc", *args, check=check)

@@ -98,7 +98,7 @@ def decode_image(
     except UnidentifiedImageError:
         raise BadImage("not an image (Pillow cannot identify the format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        if "truncated" in str(error):
+        if "truncated" in str(error).lower():
             raise BadImage("truncated: the file ends before the image data does") from None
         raise BadImage(f"corrupt: {error}") from None
     pixel_hash = hashlib.blake2b(rgb.tobytes(), digest_size=16)

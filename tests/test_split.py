@@ -1,0 +1,100 @@
+"""The split stage: seeded, stratified, duplicate-aware, honouring a source's own split."""
+
+import shutil
+
+import pandas as pd
+
+from conftest import make_dataset
+
+
+def manifest(project) -> pd.DataFrame:
+    return pd.read_csv(project.root / "data/split/manifest.csv")
+
+
+def test_split_is_stratified_seeded_and_writes_the_class_file(prepared):
+    first = manifest(prepared)
+    counts = first.groupby(["label", "split"]).size().unstack()
+    assert set(first["split"]) == {"train", "val", "test", "holdout"}
+    assert (counts[["train", "val", "test"]] >= 1).all().all()
+    assert (counts["holdout"] == 1).all()
+    assert (prepared.root / "data/split/classes.txt").read_text() == "class_0\nclass_1\nclass_2\n"
+    prepared.stage("split")
+    assert manifest(prepared).equals(first)
+    table = pd.read_csv(prepared.root / "reports/split/counts.csv")
+    assert list(table.columns) == ["class", "train", "val", "test", "holdout", "total"]
+
+
+def test_held_out_photos_are_copied_for_predict_new(prepared):
+    rows = manifest(prepared).query("split == 'holdout'")
+    copied = sorted(p.relative_to(prepared.root / "data/holdout").as_posix()
+                    for p in (prepared.root / "data/holdout").rglob("*.png"))
+    assert copied == sorted(f"{row.label}/{row.path.split('/')[-1]}" for row in rows.itertuples())
+
+
+def test_another_seed_gives_another_split(prepared):
+    first = manifest(prepared)
+    prepared.set_params(**{"split.seed": 7})
+    prepared.stage("split")
+    assert not manifest(prepared)["split"].equals(first["split"])
+
+
+def test_duplicates_always_land_in_the_same_split(project):
+    folder = project.root.parent / "source" / "class_1"
+    for number in range(6):
+        shutil.copyfile(folder / f"{number:03d}.png", folder / f"{number:03d}_copy.png")
+    for name in ("data", "resize", "split"):
+        project.stage(name)
+    rows = manifest(project)
+    rows["stem"] = rows["path"].str.replace("_copy", "")
+    assert (rows.groupby("stem")["split"].nunique() == 1).all()
+
+
+def test_fractions_that_do_not_sum_to_one_are_refused(prepared):
+    prepared.set_params(**{"split.train": 0.8, "split.val": 0.3})
+    result = prepared.stage("split", check=False)
+    assert result.returncode == 2
+    assert "split: train + val + test must sum to 1, got 0.8 + 0.3 + 0.15 = 1.25" in result.stderr
+
+
+def test_a_class_too_small_to_split_is_named_with_its_count(project):
+    folder = project.root.parent / "source" / "class_2"
+    for path in sorted(folder.iterdir())[3:]:
+        path.unlink()
+    for name in ("data", "resize"):
+        project.stage(name)
+    result = project.stage("split", check=False)
+    assert result.returncode == 2
+    assert "class 'class_2' has 3 distinct image(s)" in result.stderr
+    assert "needs at least 4" in result.stderr and "split.holdout_per_class" in result.stderr
+
+
+def test_a_predefined_split_is_kept_and_only_validation_is_carved(tmp_path, project):
+    source = make_dataset(tmp_path / "with_splits", per_class=10, splits=("train", "test"))
+    project.set_params(**{"data.source": str(source)})
+    for name in ("data", "resize", "split"):
+        project.stage(name)
+    rows = manifest(project)
+    assert (rows[rows["path"].str.startswith("test/")]["split"] == "test").all()
+    from_train = rows[rows["path"].str.startswith("train/")]["split"]
+    assert set(from_train) == {"train", "val", "holdout"}
+    summary = pd.read_json(project.root / "reports/split/summary.json", typ="series")
+    assert summary["splits"]["test"]["how"] == "predefined"
+    assert summary["splits"]["val"]["how"] == "carved from train"
+
+
+def test_duplicates_a_predefined_split_leaks_are_reported(tmp_path, project):
+    source = make_dataset(tmp_path / "with_splits", per_class=6, splits=("train", "test"))
+    shutil.copyfile(source / "train/class_0/000.png", source / "test/class_0/leaked.png")
+    project.set_params(**{"data.source": str(source)})
+    for name in ("data", "resize"):
+        project.stage(name)
+    result = project.stage("split")
+    assert "puts 2 duplicate images in more than one split" in result.stdout
+    leaks = pd.read_csv(project.root / "reports/split/duplicates_across_splits.csv")
+    assert sorted(leaks["path"]) == ["test/class_0/leaked.png", "train/class_0/000.png"]
+
+
+def test_missing_upstream_output_names_the_stage(project):
+    result = project.stage("split", check=False)
+    assert result.returncode == 2
+    assert "data/resized/index.csv not found" in result.stderr and "dvc repro resize" in result.stderr
