@@ -1,0 +1,66 @@
+"""params.yaml is validated on load: a wrong key fails early, by name."""
+
+import pytest
+import yaml
+
+from conftest import REPO
+from imgcls.errors import UserError
+from imgcls.params import load_params
+
+
+def write_params(tmp_path, **changes):
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        section, _, key = dotted.rpartition(".")
+        target = data[section] if section else data
+        if value is None:
+            del target[key]
+        else:
+            target[key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_the_repository_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.source == "gear"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"resize.image_sise": 64}, "resize.image_sise: unknown key"),
+        ({"resize.image_size": None}, "resize.image_size: missing"),
+        ({"resize.image_size": "big"}, "resize.image_size = 'big': Input should be a valid integer"),
+        ({"resize.image_size": 4}, "resize.image_size = 4: Input should be greater than or equal to 8"),
+        ({"resize.aspect": "squash"}, "resize.aspect = 'squash': Input should be 'pad', 'center_crop' or 'stretch'"),
+        ({"resize.background": [300, 0, 0]}, "background must be three integers in 0..255"),
+        ({"split.test": 0}, "split.test = 0: Input should be greater than 0"),
+    ],
+)
+def test_a_bad_value_is_named_with_what_is_allowed(tmp_path, changes, message):
+    with pytest.raises(UserError) as error:
+        load_params(write_params(tmp_path, **changes))
+    assert message in str(error.value)
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    with pytest.raises(UserError, match="has 2 invalid value"):
+        load_params(write_params(tmp_path, **{"resize.workers": -1, "split.seed": "x"}))
+
+
+def test_a_missing_or_broken_file_says_so(tmp_path):
+    with pytest.raises(UserError, match="not found: run the stages from the repository root"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "broken.yaml").write_text("data: [unclosed")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_params(tmp_path / "broken.yaml")
+
+
+def test_a_stage_prints_the_problem_without_a_traceback(prepared):
+    prepared.set_params(**{"split.trian": 0.7})
+    result = prepared.stage("split", check=False)
+    assert result.returncode == 2
+    assert "split.trian: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
