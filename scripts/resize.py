@@ -10,6 +10,7 @@ by bytes and by decoded pixels so that `split` can keep them together.
 import hashlib
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,12 +99,14 @@ def main() -> None:
 
     with atomic_path(IMAGES_FILE) as all_rows_file:
         pixels = np.lib.format.open_memmap(all_rows_file, mode="w+", dtype=np.uint8, shape=shape)
+        started = time.perf_counter()
         with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
             results = pool.imap_unordered(_process, tasks, chunksize=8)
             for position, array, *detail in tqdm(results, total=len(tasks), desc="resize", unit="img", mininterval=2):
                 if array is not None:
                     pixels[position] = array
                 details[position] = detail
+        decode_seconds = time.perf_counter() - started
         files[["reason", "sha256", "pixel_hash", "width", "height", "mode"]] = pd.DataFrame(details)
 
         skipped = files[files["reason"] != ""]
@@ -155,6 +158,8 @@ def main() -> None:
         "image_size": params.image_size,
     }
     write_json(REPORT_DIR / "metrics.json", metrics)
+    print(f"resize: decoded {len(files)} files in {decode_seconds:.2f} s ({len(files) / decode_seconds:.0f} files/s,"
+          f" {workers} workers)")
     print(f"resize: {metrics['images']} images at {params.image_size}px, {metrics['skipped']} skipped,"
           f" {metrics['duplicate_groups']} duplicate groups ({metrics['duplicate_images']} images)")
 

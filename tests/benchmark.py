@@ -1,0 +1,216 @@
+"""`make bench`: speed and memory of the pipeline on the gear photos, each beside a baseline.
+
+Runs in a throw-away copy of the project (a fresh git repo) so the working
+tree is never touched, and prints one markdown table. Needs the gear photos:
+a Keras cache holding gear_images.zip (KERAS_HOME, or `make bench KERAS_CACHE=...`).
+
+    python tests/benchmark.py [--only data,cnn,transfer,predict] [--keep DIR]
+"""
+
+import argparse
+import importlib
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+sys.path[:0] = [str(REPO / "scripts"), str(TESTS)]
+SECTIONS = ("data", "cnn", "transfer", "predict")
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONHASHSEED="0")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def run(command: list[str], cwd: Path, output: bool = False):
+    """Run a command, fail loudly, return its wall time in seconds (and its stdout when asked)."""
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
+    elapsed = time.perf_counter() - start
+    return (elapsed, result.stdout) if output else elapsed
+
+
+def median_time(command: list[str], cwd: Path, repeats: int = 3) -> float:
+    return statistics.median(run(command, cwd) for _ in range(repeats))
+
+
+def make_workdir(root: Path) -> Path:
+    """Copy the project's tracked files into `root` and make it a git repo of its own."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in filter(None, files.stdout.split("\0")):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    (root / "dvc.lock").unlink(missing_ok=True)
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], git + ["commit", "-q", "-m", "bench"]):
+        subprocess.run(command, cwd=root, check=True)
+    return root
+
+
+def peak_rss_kib(command: list[str], cwd: Path) -> int:
+    """Peak resident memory of the largest process of `command` (itself or a worker), in KiB.
+
+    Measured from a fresh interpreter, so nothing this benchmark ran before counts.
+    """
+    probe = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL,"
+        " stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, *command], cwd=cwd, env=environment(),
+                            capture_output=True, text=True, check=True)
+    return int(result.stdout.strip())
+
+
+def plain_pillow_loop(files: list[Path], size: int) -> float:
+    """The baseline: one process, open, convert and resize each file, no draft decoding."""
+    start = time.perf_counter()
+    for path in files:
+        with Image.open(path) as image:
+            np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+    return time.perf_counter() - start
+
+
+def dvc_status_time(root: Path, make_output) -> float:
+    """Median `dvc status` time of a repo tracking what `make_output(folder)` writes, via `dvc add`."""
+    root.mkdir()
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(command, cwd=root, check=True, env=environment())
+    target = make_output(root)
+    run([sys.executable, "-m", "dvc", "add", "-q", target.name], root)
+    return median_time([sys.executable, "-m", "dvc", "status", "-q"], root)
+
+
+def data_rows(workdir: Path) -> list[dict]:
+    rows = []
+    repro_time = run([sys.executable, "-m", "dvc", "repro", "split"], workdir)
+    files = sorted(path for path in (workdir / "data/raw").rglob("*") if path.is_file())
+    size = 128
+    # Resize at 128 px in the workdir, timed; the baseline reads the same files in this process.
+    params_file = workdir / "params.yaml"
+    original = params_file.read_text()
+    params_file.write_text(original.replace("image_size: 160", f"image_size: {size}"))
+    resize_time, output = run([sys.executable, "scripts/resize.py"], workdir, output=True)
+    decode_time = float(re.search(r"decoded \d+ files in ([\d.]+) s", output).group(1))
+    peak_kib = peak_rss_kib([sys.executable, "scripts/resize.py"], workdir)
+    params_file.write_text(original)
+    run([sys.executable, "-m", "dvc", "repro", "split"], workdir)  # back to the default size
+    baseline_time = plain_pillow_loop(files, size)
+    rows.append({
+        "benchmark": f"resize {len(files)} gear photos at {size} px (decoding)",
+        "value": f"{len(files) / decode_time:.0f} img/s",
+        "baseline": f"{len(files) / baseline_time:.0f} img/s (plain Pillow loop, 1 process)",
+        "ratio": f"{baseline_time / decode_time:.1f}x",
+        "note": f"draft JPEG decoding, one worker per core ({len(os.sched_getaffinity(0))})",
+    })
+    rows.append({
+        "benchmark": "resize stage, whole process",
+        "value": f"{resize_time:.1f} s", "baseline": f"{baseline_time:.1f} s (plain Pillow loop)",
+        "ratio": f"{baseline_time / resize_time:.1f}x",
+        "note": f"with start-up, hashing, duplicate search and reports; peak RSS {peak_kib / 1024:.0f} MiB (largest process)",
+    })
+    rows.append({
+        "benchmark": "data stages from scratch (dvc repro split)",
+        "value": f"{repro_time:.1f} s", "baseline": "", "ratio": "", "note": "copy 1,890 photos, resize, split",
+    })
+
+    with tempfile.TemporaryDirectory() as scratch:
+        count = 20_000
+
+        def many_files(root: Path) -> Path:
+            folder = root / "images"
+            folder.mkdir()
+            pixels = np.random.default_rng(0).integers(0, 255, (count, 8, 8, 3), dtype=np.uint8)
+            for number, image in enumerate(pixels):
+                (folder / f"{number:05d}.npy").write_bytes(image.tobytes())
+            return folder
+
+        def one_array(root: Path) -> Path:
+            path = root / "images.npy"
+            np.save(path, np.random.default_rng(0).integers(0, 255, (count, 8, 8, 3), dtype=np.uint8))
+            return path
+
+        packed = dvc_status_time(Path(scratch) / "packed", one_array)
+        folder = dvc_status_time(Path(scratch) / "folder", many_files)
+    rows.append({
+        "benchmark": f"dvc status, {count:,} images tracked",
+        "value": f"{packed:.2f} s (one packed .npy)",
+        "baseline": f"{folder:.2f} s (a folder of {count:,} files)",
+        "ratio": f"{folder / packed:.1f}x",
+        "note": "why resize writes one array: DVC hashes and stats every file of a directory",
+    })
+    return rows
+
+
+def noop_rows(workdir: Path) -> list[dict]:
+    run([sys.executable, "-m", "dvc", "repro"], workdir)
+    noop = median_time([sys.executable, "-m", "dvc", "repro"], workdir)
+    return [{"benchmark": "no-op `dvc repro` (default pipeline, all up to date)", "value": f"{noop:.2f} s",
+             "baseline": "", "ratio": "", "note": "median of 3"}]
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = ["benchmark", "value", "baseline", "ratio", "note"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(column, "")) for column in columns) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
+    parser.add_argument("--keep", type=Path, help="work in this (new) folder and keep it afterwards")
+    arguments = parser.parse_args()
+    sections = [name for name in arguments.only.split(",") if name]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+
+    scratch = None
+    if arguments.keep:
+        arguments.keep.mkdir(parents=True)
+        workdir = make_workdir(arguments.keep)
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="imgcls-bench-")
+        workdir = make_workdir(Path(scratch.name))
+    rows = []
+    try:
+        if "data" in sections:
+            rows += data_rows(workdir)
+        else:
+            run([sys.executable, "-m", "dvc", "repro", "split"], workdir)
+        for name in sections:
+            if name == "data":
+                continue
+            try:
+                module = importlib.import_module(f"bench_{name}")
+            except ModuleNotFoundError:
+                print(f"(no tests/bench_{name}.py: section skipped)", file=sys.stderr)
+                continue
+            rows += module.run(workdir)
+            print(f"({name} done)", file=sys.stderr)
+        if set(sections) == set(SECTIONS):
+            rows += noop_rows(workdir)
+    finally:
+        print_table(rows)
+        if scratch:
+            scratch.cleanup()
+
+
+if __name__ == "__main__":
+    main()
