@@ -17,7 +17,7 @@ ifneq ($(KERAS_CACHE),)
 export KERAS_HOME := $(CURDIR)/.keras-home
 endif
 
-.PHONY: setup run test bench keras-home clean
+.PHONY: setup run test bench serve keras-home clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ test: setup keras-home
 
 bench: setup keras-home
 	python tests/benchmark.py
+
+# The HTTP API and upload page on http://127.0.0.1:$(PORT)/ (model, host and upload limit from params.yaml).
+PORT ?= 8000
+serve: setup
+	python scripts/serve.py --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .keras-home

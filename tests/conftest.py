@@ -98,7 +98,8 @@ def project(tmp_path) -> Project:
                              cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, tracked):
         source = REPO / name
-        if source.is_file() and not name.startswith(("reports/", "dvc.lock")):
+        # Outputs of the working tree's own runs stay behind: each test starts from a clean pipeline.
+        if source.is_file() and not name.startswith(("reports/", "models/", "data/", "dvc.lock")):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, root / name)
     source = make_dataset(tmp_path / "source")

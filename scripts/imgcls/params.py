@@ -7,7 +7,7 @@ the comments a user reads.
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -60,11 +60,131 @@ class SplitParams(Section):
         return self
 
 
+class AugmentParams(Section):
+    """Random changes to training images, as Keras preprocessing layers inside the model.
+
+    They are active only while training, so evaluation and prediction see the
+    image as it is. 0 (or "none") turns a change off.
+    """
+
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"]
+    rotation: float = Field(ge=0, le=0.5)  # fraction of a full turn, e.g. 0.05 = up to ±18°
+    zoom: float = Field(ge=0, lt=1)  # fraction of the side, in or out
+    translation: float = Field(ge=0, lt=1)  # fraction of the side, horizontally and vertically
+    contrast: float = Field(ge=0, le=1)  # contrast factor range 1 ± contrast
+
+
+class TrainCnnParams(Section):
+    input_size: int = Field(ge=8, le=1024)
+    filters: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    convs_per_block: int = Field(ge=1, le=8)
+    batch_norm: bool
+    pooling: Literal["global_average", "flatten"]
+    dense_units: list[Annotated[int, Field(ge=1)]]
+    dropout: float = Field(ge=0, lt=1)
+    augment: AugmentParams
+    optimizer: Literal["adam", "sgd"]
+    learning_rate: float = Field(gt=0, le=10)
+    schedule: Literal["constant", "cosine", "one_cycle"]
+    warmup_epochs: float = Field(ge=0)
+    weight_decay: float = Field(ge=0, lt=1)
+    label_smoothing: float = Field(ge=0, lt=1)
+    batch_size: int = Field(ge=1, le=4096)
+    epochs: int = Field(ge=1, le=10000)
+    patience: int = Field(ge=0)
+    class_weight: Literal["none", "balanced"]
+    monitor: Literal["val_accuracy", "val_loss"]
+    mixed_precision: bool
+    jit_compile: bool
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self):
+        if self.warmup_epochs >= self.epochs and self.schedule != "constant":
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must be less than epochs ({self.epochs})")
+        return self
+
+
+class TransferHeadParams(Section):
+    """Phase 1: the new head trained on the frozen base."""
+
+    epochs: int = Field(ge=1, le=10000)
+    learning_rate: float = Field(gt=0, le=10)
+    augment: AugmentParams  # all off: the base's features are computed once and the head trains on them
+
+
+class TransferFineTuneParams(Section):
+    """Phase 2: the top of the base unfrozen at a lower learning rate; epochs 0 skips it."""
+
+    epochs: int = Field(ge=0, le=10000)
+    learning_rate: float = Field(gt=0, le=10)
+    unfreeze: int | str  # top N layers of the base, or the name of the first layer to train
+    patience: int = Field(ge=0)
+    augment: AugmentParams
+    cached_copies: int = Field(ge=0, le=50)  # 0: every epoch runs the whole base on freshly augmented images
+
+    @model_validator(mode="after")
+    def _unfreeze_is_positive(self):
+        if isinstance(self.unfreeze, int) and self.unfreeze < 1:
+            raise ValueError(f"unfreeze must be a number of layers >= 1 or a layer name, got {self.unfreeze}")
+        return self
+
+
+class TrainTransferParams(Section):
+    base: str = Field(min_length=1)  # checked against the known bases when the stage starts
+    weights: str = Field(min_length=1)
+    input_size: int = Field(ge=0, le=1024)
+    dense_units: list[int]
+    dropout: float = Field(ge=0, lt=1)
+    label_smoothing: float = Field(ge=0, lt=1)
+    batch_size: int = Field(ge=1, le=4096)
+    schedule: Literal["constant", "cosine", "one_cycle"]
+    class_weight: Literal["none", "balanced"]
+    monitor: Literal["val_accuracy", "val_loss"]
+    head: TransferHeadParams
+    fine_tune: TransferFineTuneParams
+
+    @model_validator(mode="after")
+    def _positive_units(self):
+        if any(value < 1 for value in self.dense_units):
+            raise ValueError(f"dense_units must be positive layer widths or [] for none, got {self.dense_units}")
+        return self
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(ge=1, le=4096)
+    gallery_size: int = Field(ge=1, le=100)
+
+
+class PredictNewParams(Section):
+    model: Literal["cnn", "transfer", "best"]
+    input_dir: str = Field(min_length=1)
+    top_k: int = Field(ge=1, le=100)
+    min_confidence: float = Field(ge=0, le=1)
+    batch_size: int = Field(ge=1, le=4096)
+    figure_max_images: int = Field(ge=1, le=500)
+
+
+class ServeParams(Section):
+    host: str = Field(min_length=1)
+    max_upload_bytes: int = Field(ge=1024)
+
+
+class ExportParams(Section):
+    model: Literal["cnn", "transfer", "best"]
+    quantization: Literal["float16", "dynamic"]
+
+
 class Params(Section):
     seed: int = Field(ge=0)
     data: DataParams
     resize: ResizeParams
     split: SplitParams
+    train_cnn: TrainCnnParams
+    train_transfer: TrainTransferParams
+    evaluate: EvaluateParams
+    predict_new: PredictNewParams
+    serve: ServeParams
+    export: ExportParams
 
 
 def _describe(error: dict) -> str:

@@ -1,0 +1,436 @@
+"""What every training stage shares: seeding, batches, augmentation, optimizer, logging, keeping the best model.
+
+Everything here uses `keras.*` only and feeds numpy arrays through a
+`keras.utils.PyDataset`, so a trainer built on it runs unchanged with the
+TensorFlow, JAX or PyTorch backend.
+
+A trainer does, in order:
+    seed_everything(params.seed)
+    train = ImageBatches(pixels, labels, num_classes, batch_size, shuffle=True, seed=..., class_weights=...)
+    model = ...  # augmentation(section.augment, seed) goes inside the model
+    compile_classifier(model, build_optimizer(...), label_smoothing, jit_compile)
+    log, best = TrainingLog(report_dir), KeepBest(monitor)
+    log.start_phase("train"); train_phase(model, train, val, epochs, log, best, patience)
+    best.restore(model); log.finish()
+    save_trained_model(model, name, model_card(...))
+A trainer with two phases (e.g. head first, then fine-tuning) calls
+start_phase/train_phase twice with the same log and KeepBest, so the history,
+the plot and the best model span both phases.
+"""
+
+import math
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from imgcls.dataset import atomic_path, write_csv, write_json
+from imgcls.errors import UserError
+
+MONITOR_MODES = {"val_accuracy": "max", "val_loss": "min"}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and the Keras backend; on TensorFlow also make its ops deterministic.
+
+    Same params + same data on CPU then give the same weights and metrics.
+    """
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        # Only TensorFlow needs this switch (its multi-threaded kernels may sum in any order);
+        # importing it under another backend would make TensorFlow a requirement.
+        import tensorflow
+
+        tensorflow.config.experimental.enable_op_determinism()
+
+
+class ImageBatches(keras.utils.PyDataset):
+    """Batches of uint8 images (N, S, S, 3) as float32 pixels in 0..255, with one-hot labels.
+
+    With `shuffle`, each epoch visits the images in a new order drawn from
+    (seed, epoch number), so a rerun sees the same batches. Without labels the
+    batches hold images only (for `model.predict`). With `class_weights`
+    ({class index: weight}) each batch also carries per-image loss weights.
+    One-hot labels (rather than indices) are what label smoothing needs.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None,
+                 batch_size: int = 32, shuffle: bool = False, seed: int = 0, class_weights: dict | None = None):
+        # One worker, no multiprocessing: batches are cheap slices, and a single
+        # producer keeps the order (hence the metrics) reproducible.
+        super().__init__(workers=1, use_multiprocessing=False)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if len(images) == 0:
+            raise ValueError("ImageBatches needs at least one image")
+        if labels is not None:
+            if num_classes is None:
+                raise ValueError("num_classes is required with labels (the labels are one-hot encoded)")
+            if len(labels) != len(images):
+                raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.weights = None
+        if class_weights is not None and self.labels is not None:
+            lookup = np.array([class_weights.get(index, 1.0) for index in range(num_classes)], dtype=np.float32)
+            self.weights = lookup[self.labels]
+        self.order = self._order()
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.images))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.images))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        picked = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        pixels = np.asarray(self.images[picked], dtype=np.float32)
+        if self.labels is None:
+            return (pixels,)
+        targets = np.eye(self.num_classes, dtype=np.float32)[self.labels[picked]]
+        if self.weights is None:
+            return pixels, targets
+        return pixels, targets, self.weights[picked]
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self.order = self._order()
+
+
+def augmentation(section, seed: int) -> keras.Sequential:
+    """A keras.Sequential of random preprocessing layers from an AugmentParams section.
+
+    Put it inside the model (after any Resizing, before Rescaling): the layers act
+    only in training, run on every backend, and expect pixels in 0..255. Layers
+    whose strength is 0 are left out; with every change off it holds a single
+    Identity layer (Keras cannot call an empty Sequential).
+    """
+    layers = []
+    if section.flip != "none":
+        layers.append(keras.layers.RandomFlip(section.flip, seed=seed))
+    if section.rotation > 0:
+        layers.append(keras.layers.RandomRotation(section.rotation, fill_mode="reflect", seed=seed + 1))
+    if section.zoom > 0:
+        layers.append(keras.layers.RandomZoom(section.zoom, fill_mode="reflect", seed=seed + 2))
+    if section.translation > 0:
+        layers.append(keras.layers.RandomTranslation(section.translation, section.translation, fill_mode="reflect",
+                                                     seed=seed + 3))
+    if section.contrast > 0:
+        layers.append(keras.layers.RandomContrast(section.contrast, value_range=(0, 255), seed=seed + 4))
+    return keras.Sequential(layers or [keras.layers.Identity()], name="augmentation")
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
+    """{class index: weight} for mode "balanced" (weight ∝ 1 / class count, mean 1 per image), None for "none"."""
+    if mode == "none":
+        return None
+    if mode != "balanced":
+        raise ValueError(f"class weighting must be 'none' or 'balanced', got {mode!r}")
+    counts = np.bincount(labels, minlength=num_classes)
+    missing = [index for index, count in enumerate(counts) if count == 0]
+    if missing:
+        raise UserError(f"classes {missing} have no training image: every class needs images in the train split.")
+    # n / (k * count): a class with the average count gets 1, the mean weight over all images is 1.
+    return {index: float(len(labels) / (num_classes * count)) for index, count in enumerate(counts)}
+
+
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear ramp from peak/25 to the peak over `warmup_steps`, then linear decay to 0 at `total_steps`.
+
+    A short ramp keeps early steps of a freshly initialised network stable; the
+    long linear decay to zero is what lets a few epochs converge.
+    """
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int):
+        self.peak = float(peak)
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        start = self.peak / 25.0
+        warmup = max(self.warmup_steps, 1)
+        rising = start + (self.peak - start) * step / warmup
+        falling = self.peak * (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
+        rate = keras.ops.where(step < self.warmup_steps, rising, falling)
+        return keras.ops.maximum(rate, 0.0)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+
+def learning_rate_schedule(learning_rate: float, schedule: str, epochs: int, steps_per_epoch: int,
+                           warmup_epochs: float = 0.0):
+    """The learning rate as a float ("constant") or a Keras schedule over all training steps.
+
+    "cosine": optional linear warm-up from peak/25, then cosine decay to 0;
+    "one_cycle": see OneCycle.
+    """
+    total_steps = max(1, epochs * steps_per_epoch)
+    warmup_steps = min(int(round(warmup_epochs * steps_per_epoch)), total_steps - 1)
+    if schedule == "constant":
+        return learning_rate
+    if schedule == "cosine":
+        if warmup_steps > 0:
+            return keras.optimizers.schedules.CosineDecay(learning_rate / 25.0, total_steps - warmup_steps,
+                                                          warmup_target=learning_rate, warmup_steps=warmup_steps)
+        return keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
+    if schedule == "one_cycle":
+        return OneCycle(learning_rate, warmup_steps, total_steps)
+    raise ValueError(f"schedule must be constant, cosine or one_cycle, got {schedule!r}")
+
+
+def build_optimizer(name: str, learning_rate: float, schedule: str, epochs: int, steps_per_epoch: int,
+                    warmup_epochs: float = 0.0, weight_decay: float = 0.0) -> keras.optimizers.Optimizer:
+    """An optimizer ("adam" or "sgd" with Nesterov momentum 0.9) with a learning-rate schedule.
+
+    See learning_rate_schedule for the schedules. weight_decay is decoupled
+    (AdamW-style: each step shrinks kernels by rate x weight_decay) and spares
+    biases and batch-norm scales and offsets.
+    """
+    rate = learning_rate_schedule(learning_rate, schedule, epochs, steps_per_epoch, warmup_epochs)
+    decay = weight_decay or None
+    if name == "adam":
+        optimizer = keras.optimizers.Adam(learning_rate=rate, weight_decay=decay)
+    elif name == "sgd":
+        optimizer = keras.optimizers.SGD(learning_rate=rate, momentum=0.9, nesterov=True, weight_decay=decay)
+    else:
+        raise ValueError(f"optimizer must be adam or sgd, got {name!r}")
+    if decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
+def compile_classifier(model: keras.Model, optimizer, label_smoothing: float = 0.0, jit_compile: bool = False) -> None:
+    """Compile for one-hot targets: cross-entropy with label smoothing, metric "accuracy".
+
+    JAX always compiles its steps (running them eagerly is very slow), so
+    jit_compile only matters with TensorFlow.
+    """
+    if keras.backend.backend() == "jax":
+        jit_compile = True
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        jit_compile=jit_compile,
+    )
+
+
+def set_precision(mixed_precision: bool) -> None:
+    """Use float16 compute with float32 weights (GPU) or plain float32; call before building the model.
+
+    The softmax output layer should say dtype="float32" so probabilities stay precise.
+    """
+    keras.config.set_dtype_policy("mixed_float16" if mixed_precision else "float32")
+
+
+class KeepBest(keras.callbacks.Callback):
+    """Remember the weights of the epoch with the best validation score (across several fits)."""
+
+    def __init__(self, monitor: str = "val_accuracy"):
+        super().__init__()
+        if monitor not in MONITOR_MODES:
+            raise ValueError(f"monitor must be one of {sorted(MONITOR_MODES)}, got {monitor!r}")
+        self.monitor = monitor
+        self.mode = MONITOR_MODES[monitor]
+        self.best_value = None
+        self.best_epoch = None  # 1-based, counted across all fits
+        self.best_logs = {}
+        self.weights = None
+        self.epochs_seen = 0
+
+    def improved(self, value: float, logs: dict | None = None) -> bool:
+        """Whether `value` beats the best so far (higher accuracy, lower loss).
+
+        Accuracy on a few hundred images ties often; a tie goes to the epoch with
+        the lower validation loss (usually a later one, at a lower learning rate).
+        """
+        if self.best_value is None:
+            return True
+        if value == self.best_value and self.monitor != "val_loss" and logs and "val_loss" in logs:
+            return logs["val_loss"] < self.best_logs.get("val_loss", float("inf"))
+        return value > self.best_value if self.mode == "max" else value < self.best_value
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs_seen += 1
+        logs = logs or {}
+        value = logs.get(self.monitor)
+        if value is None:
+            raise ValueError(f"{self.monitor} is not in the epoch logs: pass validation data to fit")
+        # An epoch whose losses are not finite has broken weights, whatever its accuracy says.
+        finite = all(math.isfinite(logs.get(key, 0.0)) for key in ("loss", "val_loss"))
+        if finite and self.improved(value, logs):
+            self.best_value = float(value)
+            self.best_epoch = self.epochs_seen
+            self.best_logs = {key: float(number) for key, number in logs.items()}
+            self.weights = [np.array(weight) for weight in self.model.get_weights()]
+
+    def restore(self, model: keras.Model) -> None:
+        """Load the best weights into `model`; fail clearly if no epoch had a finite score."""
+        if self.weights is None:
+            raise UserError(f"training never produced a finite {self.monitor} (the loss diverged):"
+                            " lower the learning rate in params.yaml and rerun.")
+        model.set_weights(self.weights)
+
+
+class TrainingLog(keras.callbacks.Callback):
+    """Per-epoch train/validation loss and accuracy → DVCLive plots data, history.csv and a PNG.
+
+    Files in `report_dir`: live/plots/metrics/{train,val}/{loss,accuracy}.tsv
+    (declared as plots in dvc.yaml; DVCLive is told not to edit dvc.yaml),
+    history.csv, and training.png "training vs validation loss" (and accuracy),
+    with a dashed line where each phase after the first begins.
+    """
+
+    def __init__(self, report_dir: Path | str, title: str = "model"):
+        super().__init__()
+        from dvclive import Live
+
+        self.report_dir = Path(report_dir)
+        self.title = title
+        self.rows: list[dict] = []
+        self.phases: list[tuple[int, str]] = []  # (first epoch of the phase, 1-based; phase name)
+        self.live = Live(dir=str(self.report_dir / "live"), dvcyaml=None, save_dvc_exp=False)
+        self._started = None
+
+    def start_phase(self, name: str) -> None:
+        """Mark that the next epochs belong to phase `name` (shown in history.csv and on the plot)."""
+        self.phases.append((len(self.rows) + 1, name))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        row = {
+            "epoch": len(self.rows) + 1,
+            "phase": self.phases[-1][1] if self.phases else "",
+            "loss": logs.get("loss"),
+            "accuracy": logs.get("accuracy"),
+            "val_loss": logs.get("val_loss"),
+            "val_accuracy": logs.get("val_accuracy"),
+            "learning_rate": _current_learning_rate(self.model),
+            "seconds": time.perf_counter() - self._started if self._started else None,
+        }
+        self.rows.append(row)
+        self.live.step = row["epoch"]  # DVCLive's x axis is then the epoch number, across phases
+        for split, prefix in (("train", ""), ("val", "val_")):
+            for metric in ("loss", "accuracy"):
+                if row[prefix + metric] is not None:
+                    self.live.log_metric(f"{split}/{metric}", float(row[prefix + metric]))
+        self.live.next_step()
+
+    def finish(self) -> None:
+        """Write history.csv and training.png, and close DVCLive."""
+        import pandas as pd
+
+        self.live.end()
+        write_csv(self.report_dir / "history.csv", pd.DataFrame(self.rows))
+        self.plot(self.report_dir / "training.png")
+
+    def plot(self, path: Path) -> None:
+        """Write the loss and accuracy curves side by side as a PNG, phase boundaries dashed."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [row["epoch"] for row in self.rows]
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for axis, metric, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
+            axis.plot(epochs, [row[metric] for row in self.rows], marker=".", label=f"training {label}")
+            axis.plot(epochs, [row[f"val_{metric}"] for row in self.rows], marker=".", label=f"validation {label}")
+            for first_epoch, name in self.phases[1:]:
+                axis.axvline(first_epoch - 0.5, color="grey", linestyle="--", linewidth=1)
+                axis.text(first_epoch - 0.4, 0.98, name, transform=axis.get_xaxis_transform(), va="top",
+                          fontsize=8, color="grey")
+            axis.set_xlabel("epoch")
+            axis.set_ylabel(label)
+            axis.grid(alpha=0.3)
+            axis.legend()
+        axes[0].set_title(f"{self.title}: training vs validation loss")
+        axes[1].set_title(f"{self.title}: training vs validation accuracy")
+        figure.tight_layout()
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=110)
+        plt.close(figure)
+
+
+def _current_learning_rate(model) -> float | None:
+    try:
+        optimizer = model.optimizer
+        rate = optimizer.learning_rate  # a schedule evaluated at the current step, or a variable
+        return float(keras.ops.convert_to_numpy(rate))
+    except Exception:  # a learning rate is informative only; never fail training over it
+        return None
+
+
+def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epochs: int, log: TrainingLog,
+                best: KeepBest, patience: int = 0, verbose: int = 2) -> float:
+    """model.fit for one phase with the shared callbacks; returns the training seconds.
+
+    patience > 0 stops the phase after that many epochs without a better
+    `best.monitor`. Call `best.restore(model)` after the last phase.
+    """
+    # TerminateOnNaN: once the loss is NaN no later epoch can recover, so stop at once.
+    callbacks = [best, log, keras.callbacks.TerminateOnNaN()]
+    if patience > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=best.monitor, mode=best.mode, patience=patience))
+    started = time.perf_counter()
+    # shuffle=False: ImageBatches shuffles itself, from the seed.
+    model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=verbose)
+    return time.perf_counter() - started
+
+
+def model_card(name: str, class_names: list[str], resize_section, val_accuracy: float, **extra) -> dict:
+    """The model card modelio expects: names, the image geometry new photos need, validation accuracy, extras."""
+    return {
+        "name": name,
+        "class_names": list(class_names),
+        "image_size": resize_section.image_size,
+        "aspect": resize_section.aspect,
+        "background": list(resize_section.background),
+        "max_pixels": resize_section.max_pixels,
+        "val_accuracy": float(val_accuracy),
+        "backend": keras.backend.backend(),
+        **extra,
+    }
+
+
+def save_trained_model(model: keras.Model, name: str, card: dict) -> None:
+    """Save models/<name>.keras (+ card) atomically, without optimizer state.
+
+    The weights are copied into a fresh, uncompiled copy: the saved file then
+    holds no optimizer (smaller, and it loads without the training code's
+    custom learning-rate schedule), only what prediction needs.
+    """
+    from imgcls.modelio import save_model
+
+    # from_config (unlike clone_model) carries no compile settings over.
+    clone = model.__class__.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    save_model(clone, name, card)
+
+
+def write_training_metrics(path: Path | str, best: KeepBest, seconds: float, images_seen: int, **extra) -> dict:
+    """Write the stage's metrics JSON: best validation scores, the epoch they came from, time and throughput."""
+    metrics = {
+        "val_accuracy": best.best_logs.get("val_accuracy"),
+        "val_loss": best.best_logs.get("val_loss"),
+        "best_epoch": best.best_epoch,
+        "epochs_run": best.epochs_seen,
+        "train_seconds": round(seconds, 2),
+        "images_per_second": round(images_seen / seconds, 1) if seconds > 0 else None,
+        **extra,
+    }
+    write_json(path, metrics)
+    return metrics

@@ -1,0 +1,205 @@
+"""`make serve`: the chosen model behind an HTTP API, with an upload page.
+
+    python scripts/serve.py [--port 8000] [--host 127.0.0.1] [--model cnn|transfer|best|PATH]
+
+  POST /predict   a photo (multipart field `file`, or the raw bytes with an image/* content type)
+                  → {"predicted", "best_guess", "confidence", "unknown", "top_k": [{"class", "probability"}], ...}
+  GET  /health    {"status": "ok", "model": ...}
+  GET  /classes   {"classes": [...]}
+  GET  /          a page to upload a photo and see its probability bars
+
+The model (predict_new.model, top_k and min_confidence in params.yaml, so the API
+answers like the predictions CSV) is loaded once, in Keras' safe_mode. Every bad
+request gets a 4xx JSON {"error": message}; nothing a client sends stops the server.
+"""
+
+import argparse
+import concurrent.futures
+import os
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from imgcls.errors import UserError, run_stage
+from imgcls.images import BadImage
+from imgcls.params import load_params
+from imgcls.predict import MODEL_CHOICES, Classifier, Prediction, choose_model
+
+PAGE_FILE = Path(__file__).with_name("serve_page.html")
+# Room for the multipart boundaries and part headers around the file itself.
+MULTIPART_SLACK = 64 * 1024
+# An oversized upload is read and thrown away up to this much more, so the client
+# finishes sending and reads the 413 instead of a reset connection; beyond it we hang up.
+DRAIN_LIMIT = 64 * 1024 * 1024
+# Most photos classified in one step when requests arrive together.
+SERVE_BATCH = 8
+
+
+class Batcher:
+    """Classifies photos from many request threads together: requests that arrive while the
+    model is busy wait and then go through it as one batch.
+
+    On a CPU one batch of 8 costs much less than 8 batches of 1, so under concurrent load the
+    server answers more requests per second and each waits less.
+    """
+
+    def __init__(self, classifier: Classifier, max_batch: int = 8):
+        self.classifier = classifier
+        self.max_batch = max_batch
+        self.pending: queue.Queue = queue.Queue()
+        for size in (1, 2, 4, 8):  # compile every batch shape now, not during the first requests
+            if size <= max_batch:
+                classifier.probabilities(np.zeros((size, classifier.image_size, classifier.image_size, 3), np.uint8))
+        threading.Thread(target=self._work, name="batcher", daemon=True).start()
+
+    def classify(self, pixels: np.ndarray) -> Prediction:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.pending.put((pixels, future))
+        return future.result()
+
+    def _work(self) -> None:
+        while True:
+            waiting = [self.pending.get()]
+            while len(waiting) < self.max_batch:
+                try:
+                    waiting.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                predictions = self.classifier.classify(np.stack([pixels for pixels, _ in waiting]))
+            except Exception as exception:  # reported to each waiting request; the worker lives on
+                for _, future in waiting:
+                    future.set_exception(exception)
+                continue
+            for (_, future), prediction in zip(waiting, predictions):
+                future.set_result(prediction)
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def bad_image_status(reason: str) -> int:
+    # Not an image at all: unsupported media type. Empty, truncated, corrupt or a
+    # decompression bomb: an image we understood but refuse to process.
+    return 415 if reason.startswith("not an image") else 422
+
+
+def create_app(classifier: Classifier, max_upload_bytes: int) -> FastAPI:
+    app = FastAPI(title="imgcls", summary=f"classifies photos into {len(classifier.class_names)} classes")
+    batcher = Batcher(classifier, max_batch=classifier.batch_size)
+    page = PAGE_FILE.read_text()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exception: HTTPException):
+        return error(exception.status_code, str(exception.detail))
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": classifier.name, "model_file": str(classifier.model_file),
+                "classes": len(classifier.class_names), "top_k": classifier.top_k,
+                "min_confidence": classifier.min_confidence, "max_upload_bytes": max_upload_bytes}
+
+    @app.get("/classes")
+    def classes():
+        return {"classes": classifier.class_names}
+
+    @app.get("/", response_class=HTMLResponse)
+    def index():
+        return page
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        limit = max_upload_bytes + MULTIPART_SLACK
+        declared = request.headers.get("content-length", "")
+        too_large = declared.isdigit() and int(declared) > limit
+        body, drained = bytearray(), 0
+        async for chunk in request.stream():
+            if too_large:
+                drained += len(chunk)
+                if drained > DRAIN_LIMIT:
+                    break
+                continue
+            body += chunk
+            too_large = len(body) > limit
+        if too_large:
+            return error(413, f"upload too large: the limit is {max_upload_bytes:,} bytes (serve.max_upload_bytes).")
+
+        content_type = request.headers.get("content-type", "")
+        filename = ""
+        if content_type.startswith("multipart/form-data"):
+            async def replay():
+                yield bytes(body)
+
+            try:
+                form = await MultiPartParser(request.headers, replay(), max_files=1, max_fields=20).parse()
+            except MultiPartException as exception:
+                return error(400, f"malformed multipart upload: {exception.message}")
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                await form.close()
+                return error(400, "no file: send the photo as the multipart form field 'file'"
+                                  " (e.g. curl -F file=@photo.jpg http://HOST:PORT/predict).")
+            data, filename = await upload.read(), upload.filename or ""
+            await form.close()
+            if not data and not filename:  # a browser form submitted without choosing a file
+                return error(400, "no file: choose a photo to upload.")
+        elif content_type.startswith(("image/", "application/octet-stream")):
+            data = bytes(body)
+        else:
+            return error(400, "no file: POST the photo as multipart/form-data field 'file',"
+                              " or as the raw bytes with an image/* Content-Type.")
+        if len(data) > max_upload_bytes:
+            return error(413, f"upload too large: {len(data):,} bytes, the limit is {max_upload_bytes:,}"
+                              " (serve.max_upload_bytes).")
+
+        def classify():
+            try:
+                pixels = classifier.decode(data)
+            except BadImage as exception:
+                return None, str(exception)
+            return batcher.classify(pixels), ""
+
+        # Decoding and inference block: off the event loop, so /health stays responsive meanwhile.
+        prediction, reason = await run_in_threadpool(classify)
+        if prediction is None:
+            return error(bad_image_status(reason), f"{filename or 'upload'}: {reason}")
+        return {**prediction.as_json(), "model": classifier.name, "filename": filename}
+
+    return app
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8000),
+                        help="port to listen on (default: $PORT or 8000)")
+    parser.add_argument("--host", help="address to listen on (default: serve.host)")
+    parser.add_argument("--model", help="cnn, transfer, best or a .keras path (default: predict_new.model)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    arguments = parse_arguments(argv)
+    if not 0 < arguments.port < 65536:
+        raise UserError(f"port {arguments.port} is not a TCP port: set PORT (or --port) to 1..65535.")
+    params = load_params()
+    model_file = choose_model(arguments.model or params.predict_new.model)
+    classifier = Classifier(model_file, top_k=params.predict_new.top_k,
+                            min_confidence=params.predict_new.min_confidence, batch_size=SERVE_BATCH,
+                            check_classes=None if arguments.model in (None, *MODEL_CHOICES) else False)
+    app = create_app(classifier, params.serve.max_upload_bytes)
+    host = arguments.host or params.serve.host
+    print(f"serving {model_file} ({len(classifier.class_names)} classes) on http://{host}:{arguments.port}/", flush=True)
+    uvicorn.run(app, host=host, port=arguments.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,79 @@
+"""Stage `train_cnn`: train the CNN from scratch and keep its best epoch as models/cnn.keras.
+
+The architecture, augmentation, optimizer and schedule all come from the
+train_cnn section of params.yaml (see imgcls/cnn.py). The epoch with the best
+validation score is kept; curves go to reports/cnn/ (DVCLive plots data,
+history.csv, training.png) and the training summary to reports/cnn/train.json.
+"""
+
+from imgcls.dataset import REPORTS_DIR, load_class_names, load_images, load_manifest, load_split
+from imgcls.errors import UserError, run_stage
+from imgcls.params import load_params
+
+NAME = "cnn"
+REPORT_DIR = REPORTS_DIR / NAME
+
+
+def load_training_data(params):
+    """(class names, (train pixels, labels), (val pixels, labels)), checked against params."""
+    class_names = load_class_names()
+    manifest = load_manifest()
+    images = load_images()
+    if images.shape[1] != params.resize.image_size:
+        raise UserError(
+            f"data/resized holds {images.shape[1]} px images but resize.image_size is {params.resize.image_size}:"
+            " run `dvc repro resize split` (or `dvc repro`) to bring them in line."
+        )
+    train_pixels, train_labels, _ = load_split("train", manifest, images)
+    val_pixels, val_labels, _ = load_split("val", manifest, images)
+    for split, labels in (("train", train_labels), ("val", val_labels)):
+        if len(labels) == 0:
+            raise UserError(f"the {split} split is empty: check the split fractions in params.yaml and run `dvc repro split`.")
+    return class_names, (train_pixels, train_labels), (val_pixels, val_labels)
+
+
+def main() -> None:
+    params = load_params()
+    section = params.train_cnn
+    class_names, (train_pixels, train_labels), (val_pixels, val_labels) = load_training_data(params)
+
+    # Keras is imported only now, so a bad params.yaml fails in a fraction of a second.
+    import keras
+
+    from imgcls import training
+    from imgcls.cnn import build_cnn
+
+    training.seed_everything(params.seed)
+    training.set_precision(section.mixed_precision)
+    num_classes = len(class_names)
+    weights = training.class_weights(train_labels, num_classes, section.class_weight)
+    train = training.ImageBatches(train_pixels, train_labels, num_classes, section.batch_size, shuffle=True,
+                                  seed=params.seed, class_weights=weights)
+    val = training.ImageBatches(val_pixels, val_labels, num_classes, batch_size=max(section.batch_size, 64))
+
+    model = build_cnn(num_classes, params.resize.image_size, section, params.seed)
+    optimizer = training.build_optimizer(section.optimizer, section.learning_rate, section.schedule, section.epochs,
+                                         len(train), section.warmup_epochs, section.weight_decay)
+    training.compile_classifier(model, optimizer, section.label_smoothing, section.jit_compile)
+    print(f"train_cnn: {model.count_params():,} parameters, {len(train_labels)} training and {len(val_labels)}"
+          f" validation images, {num_classes} classes, backend {keras.backend.backend()}")
+
+    log = training.TrainingLog(REPORT_DIR, title="CNN")
+    best = training.KeepBest(section.monitor)
+    log.start_phase("train")
+    seconds = training.train_phase(model, train, val, section.epochs, log, best, section.patience)
+    best.restore(model)
+    log.finish()
+
+    card = training.model_card(NAME, class_names, params.resize, best.best_logs["val_accuracy"],
+                               input_size=section.input_size, best_epoch=best.best_epoch)
+    training.save_trained_model(model, NAME, card)
+    metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
+                                              images_seen=best.epochs_seen * len(train_labels),
+                                              parameters=int(model.count_params()))
+    print(f"train_cnn: best {section.monitor} {best.best_value:.4f} at epoch {best.best_epoch}/{best.epochs_seen};"
+          f" {metrics['train_seconds']:.0f} s, {metrics['images_per_second']} images/s; saved models/{NAME}.keras")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,94 @@
+"""Benchmark of train_cnn on the gear photos: the default CNN beside the seeds' baseline.
+
+Both are trained and evaluated in the same run, in a prepared copy of the
+project (data, resize and split done): first the baseline (conv-pool-conv-pool-dense
+at 64 px, 20 epochs, Adam 0.001, no augmentation), then the default params, so
+the default model is the one left in models/cnn.keras.
+
+    python tests/bench_cnn.py WORKDIR
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+# The seeds' "conv-pool-conv-pool-dense" network, expressed in train_cnn params.
+BASELINE = {
+    "input_size": 64,
+    "filters": [32, 64],
+    "convs_per_block": 1,
+    "batch_norm": False,
+    "pooling": "flatten",
+    "dense_units": [128],
+    "dropout": 0.0,
+    "augment": {"flip": "none", "rotation": 0.0, "zoom": 0.0, "translation": 0.0, "contrast": 0.0},
+    "optimizer": "adam",
+    "learning_rate": 0.001,
+    "schedule": "constant",
+    "warmup_epochs": 0,
+    "weight_decay": 0.0,
+    "label_smoothing": 0.0,
+    "batch_size": 32,
+    "epochs": 20,
+    "patience": 0,
+    "class_weight": "none",
+}
+
+
+def _train_and_evaluate(workdir: Path, overrides: dict | None) -> dict:
+    """Run train_cnn then evaluate with params.yaml's train_cnn section updated by `overrides`; return figures."""
+    params_file = workdir / "params.yaml"
+    original = params_file.read_text()
+    try:
+        if overrides:
+            params = yaml.safe_load(original)
+            params["train_cnn"].update(overrides)
+            params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        started = time.perf_counter()
+        for script in ("train_cnn", "evaluate"):
+            result = subprocess.run([sys.executable, f"scripts/{script}.py"], cwd=workdir, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"{script} failed:\n{result.stdout}\n{result.stderr}")
+            if script == "train_cnn":
+                stage_seconds = time.perf_counter() - started
+    finally:
+        params_file.write_text(original)
+    training = json.loads((workdir / "reports/cnn/train.json").read_text())
+    test = json.loads((workdir / "reports/evaluate/metrics.json").read_text())["cnn"]
+    return {"test_accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "train_seconds": training["train_seconds"],
+            "stage_seconds": stage_seconds, "images_per_second": training["images_per_second"],
+            "epochs": training["epochs_run"], "val_accuracy": training["val_accuracy"]}
+
+
+def run(workdir: Path) -> list[dict]:
+    """Train and evaluate the baseline and the default CNN in `workdir`; return the benchmark rows."""
+    workdir = Path(workdir)
+    baseline = _train_and_evaluate(workdir, BASELINE)
+    default = _train_and_evaluate(workdir, None)
+    note = (f"default: {default['epochs']} epochs, macro F1 {default['macro_f1']:.3f};"
+            f" baseline: {baseline['epochs']} epochs, macro F1 {baseline['macro_f1']:.3f}")
+    return [
+        {"benchmark": "train_cnn: test accuracy on gear (goal >= 96%)",
+         "value": f"{default['test_accuracy']:.1%}", "baseline": f"{baseline['test_accuracy']:.1%} (seeds' net)",
+         "ratio": f"{(1 - baseline['test_accuracy']) / max(1 - default['test_accuracy'], 1e-9):.2f}x fewer errors",
+         "note": note},
+        {"benchmark": "train_cnn: stage time, 2 CPU cores (goal <= 10 min)",
+         "value": f"{default['stage_seconds']:.0f} s", "baseline": f"{baseline['stage_seconds']:.0f} s (seeds' net)",
+         "ratio": f"{default['stage_seconds'] / baseline['stage_seconds']:.1f}x",
+         "note": f"fit time {default['train_seconds']:.0f} s vs {baseline['train_seconds']:.0f} s; includes startup and saving"},
+        {"benchmark": "train_cnn: training throughput",
+         "value": f"{default['images_per_second']:.0f} images/s", "baseline": f"{baseline['images_per_second']:.0f} images/s",
+         "ratio": f"{default['images_per_second'] / baseline['images_per_second']:.2f}x",
+         "note": "training images x epochs / fit time (validation included)"},
+    ]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python tests/bench_cnn.py WORKDIR  (a project copy where data, resize and split ran)")
+    for row in run(Path(sys.argv[1])):
+        print(" | ".join(str(row[key]) for key in ("benchmark", "value", "baseline", "ratio", "note")))

@@ -1,0 +1,100 @@
+"""evaluate: every trained model scored on the test split, side by side, with the evidence behind the numbers."""
+
+import contextlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tiny_model import train_on_project, train_tiny_model
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def prepared(prepared):
+    """The data stages ran, and no model from the working tree came along in the copy."""
+    for path in (prepared.root / "models").glob("*"):
+        path.unlink()
+    return prepared
+
+
+def test_evaluate_scores_each_model_present_side_by_side(prepared):
+    root = prepared.root
+    train_on_project(root, "cnn")
+    prepared.stage("evaluate")
+    metrics = json.loads((root / "reports/evaluate/metrics.json").read_text())
+    assert list(metrics) == ["cnn"]
+    cnn = metrics["cnn"]
+    assert set(cnn) == {"accuracy", "top3_accuracy", "macro_f1", "log_loss", "images"}
+    assert 0 <= cnn["accuracy"] <= cnn["top3_accuracy"] == 1.0  # three classes: the top 3 always hold the truth
+    assert cnn["log_loss"] > 0
+
+    test_rows = pd.read_csv(root / "data/split/manifest.csv").query("split == 'test'")
+    confusion = pd.read_csv(root / "reports/evaluate/confusion/cnn.csv")
+    assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == len(test_rows) == cnn["images"]
+    assert sorted(confusion["actual"]) == sorted(test_rows["label"])  # class names, not indices
+    assert np.mean(confusion["actual"] == confusion["predicted"]) == pytest.approx(cnn["accuracy"])
+
+    per_class = pd.read_csv(root / "reports/evaluate/per_class/cnn.csv")
+    assert list(per_class.columns) == ["class", "precision", "recall", "f1", "support"]
+    assert list(per_class["class"]) == ["class_0", "class_1", "class_2"]
+    assert per_class["support"].sum() == len(test_rows)
+    assert per_class["f1"].mean() == pytest.approx(cnn["macro_f1"])
+    as_json = json.loads((root / "reports/evaluate/per_class/cnn.json").read_text())
+    assert as_json["class_1"]["support"] == int(per_class.loc[1, "support"])
+    for figure in ("cnn_confusion.png", "cnn_misclassified.png"):
+        assert (root / "reports/evaluate/figures" / figure).read_bytes()[:8] == PNG
+
+    # A second model joins the same metrics file without any change to the stage, and `dvc metrics show` lists both.
+    train_on_project(root, "transfer")
+    prepared.stage("evaluate")
+    metrics = json.loads((root / "reports/evaluate/metrics.json").read_text())
+    assert list(metrics) == ["cnn", "transfer"]
+    shown = prepared.dvc("metrics", "show", "--json").stdout
+    assert '"cnn"' in shown and '"transfer"' in shown and '"top3_accuracy"' in shown
+    plots = prepared.dvc("plots", "show", "--json").stdout
+    assert "reports/evaluate/confusion/transfer.csv" in plots and "class_2" in plots
+
+    # A model that is gone leaves no stale report behind.
+    (root / "models/transfer.keras").unlink()
+    prepared.stage("evaluate")
+    assert list(json.loads((root / "reports/evaluate/metrics.json").read_text())) == ["cnn"]
+    assert not list((root / "reports/evaluate").rglob("transfer*"))
+
+
+def test_no_model_says_to_train_one(prepared):
+    result = prepared.stage("evaluate", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no trained model in models/: run `dvc repro train_cnn`" in result.stderr
+
+
+def test_missing_split_says_which_stage_to_run(project):
+    result = project.stage("evaluate", check=False)
+    assert result.returncode == 2 and "dvc repro split" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_model_trained_on_other_classes_is_refused(prepared):
+    from imgcls.dataset import load_split
+
+    with contextlib.chdir(prepared.root):
+        pixels, labels, _ = load_split("train")
+    train_tiny_model(prepared.root, pixels, labels, ["boots", "helmets", "tents"], epochs=1)
+    result = prepared.stage("evaluate", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "was trained on classes ['boots', 'helmets', 'tents']" in result.stderr
+    assert "dvc repro train_cnn" in result.stderr
+
+
+def test_a_model_for_another_image_size_is_refused(prepared):
+    from imgcls.dataset import load_class_names, load_split
+
+    with contextlib.chdir(prepared.root):
+        pixels, labels, _ = load_split("train")
+        class_names = load_class_names()
+    train_tiny_model(prepared.root, pixels[:, :16, :16], labels, class_names, epochs=1)
+    result = prepared.stage("evaluate", check=False)
+    assert result.returncode == 2
+    assert "models/cnn.keras takes 16x16 images but data/resized holds 32x32" in result.stderr
+    assert "dvc repro train_cnn" in result.stderr

@@ -1,0 +1,281 @@
+"""train_cnn: the shared training helpers, the stage end to end, seeding, JAX without TensorFlow, bad input."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, stage_env
+
+# A net that trains in seconds on the 32 px generated images.
+TINY = {
+    "train_cnn.input_size": 24,
+    "train_cnn.filters": [8, 16],
+    "train_cnn.convs_per_block": 1,
+    "train_cnn.batch_size": 8,
+    "train_cnn.epochs": 3,
+    "train_cnn.warmup_epochs": 1,
+    "train_cnn.learning_rate": 0.01,
+}
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+# --- imgcls.training -------------------------------------------------------------------------------------------
+
+def test_image_batches_cover_every_image_once_per_epoch_in_a_seeded_order():
+    from imgcls.training import ImageBatches
+
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(3, axis=3)
+    labels = np.arange(10) % 3
+    batches = ImageBatches(images, labels, num_classes=3, batch_size=4, shuffle=True, seed=7)
+    assert len(batches) == 3
+
+    def one_epoch(dataset):
+        pixels, targets = zip(*(dataset[index] for index in range(len(dataset))))
+        return np.concatenate(pixels)[:, 0, 0, 0], np.concatenate(targets)
+
+    first, targets = one_epoch(batches)
+    assert sorted(first) == list(range(10)) and first.dtype == np.float32
+    assert np.array_equal(targets.argmax(axis=1), first.astype(int) % 3)  # labels travel with their images
+    assert [len(batches[index][0]) for index in range(3)] == [4, 4, 2]
+    batches.on_epoch_end()
+    second, _ = one_epoch(batches)
+    assert sorted(second) == list(range(10)) and not np.array_equal(first, second)
+    again = ImageBatches(images, labels, num_classes=3, batch_size=4, shuffle=True, seed=7)
+    assert np.array_equal(one_epoch(again)[0], first)
+
+
+def test_image_batches_for_prediction_and_with_class_weights():
+    from imgcls.training import ImageBatches, class_weights
+
+    images = np.zeros((5, 2, 2, 3), dtype=np.uint8)
+    assert [len(item) for item in (ImageBatches(images, batch_size=2)[2])] == [1]  # (pixels,) only
+    labels = np.array([0, 0, 0, 1, 2])
+    weights = class_weights(labels, 3, "balanced")
+    assert weights[0] == pytest.approx(5 / 9) and weights[1] == pytest.approx(5 / 3)
+    assert np.mean([weights[label] for label in labels]) == pytest.approx(1.0)
+    assert class_weights(labels, 3, "none") is None
+    _, _, sample_weights = ImageBatches(images, labels, num_classes=3, batch_size=5, class_weights=weights)[0]
+    assert sample_weights.tolist() == pytest.approx([5 / 9] * 3 + [5 / 3] * 2)
+    with pytest.raises(ValueError, match="num_classes is required"):
+        ImageBatches(images, labels)
+    with pytest.raises(ValueError, match="5 images but 2 labels"):
+        ImageBatches(images, labels[:2], num_classes=3)
+
+
+def test_one_cycle_and_cosine_schedules_warm_up_then_decay_to_zero():
+    import keras
+
+    from imgcls.training import OneCycle, build_optimizer, learning_rate_schedule
+
+    schedule = OneCycle(peak=0.1, warmup_steps=10, total_steps=100)
+    rate = lambda step: float(keras.ops.convert_to_numpy(schedule(step)))  # noqa: E731
+    assert rate(0) == pytest.approx(0.004)
+    assert rate(10) == pytest.approx(0.1)
+    assert rate(55) == pytest.approx(0.05)
+    assert rate(100) == pytest.approx(0.0, abs=1e-9)
+    cosine = learning_rate_schedule(0.1, "cosine", epochs=10, steps_per_epoch=10, warmup_epochs=1)
+    assert float(keras.ops.convert_to_numpy(cosine(10))) == pytest.approx(0.1)
+    assert float(keras.ops.convert_to_numpy(cosine(100))) == pytest.approx(0.0, abs=1e-6)
+    constant = build_optimizer("adam", 0.02, "constant", epochs=3, steps_per_epoch=4, weight_decay=0.01)
+    assert float(keras.ops.convert_to_numpy(constant.learning_rate)) == pytest.approx(0.02)
+    assert constant.weight_decay == pytest.approx(0.01)
+
+
+def test_augmentation_leaves_out_changes_set_to_zero():
+    from imgcls.params import AugmentParams
+    from imgcls.training import augmentation
+
+    off = AugmentParams(flip="none", rotation=0, zoom=0, translation=0, contrast=0)
+    assert [type(layer).__name__ for layer in augmentation(off, seed=0).layers] == ["Identity"]
+    every = AugmentParams(flip="horizontal", rotation=0.1, zoom=0.1, translation=0.1, contrast=0.2)
+    names = [type(layer).__name__ for layer in augmentation(every, seed=0).layers]
+    assert names == ["RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast"]
+
+
+def test_the_seeds_baseline_is_expressible_in_params():
+    from imgcls.cnn import build_cnn
+    from imgcls.params import TrainCnnParams
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
+    params.update(input_size=64, filters=[32, 64], convs_per_block=1, batch_norm=False, pooling="flatten",
+                  dense_units=[128], dropout=0.0, optimizer="adam", learning_rate=0.001, schedule="constant",
+                  weight_decay=0.0, label_smoothing=0.0, class_weight="none",
+                  augment=dict(flip="none", rotation=0, zoom=0, translation=0, contrast=0))
+    model = build_cnn(12, 160, TrainCnnParams.model_validate(params), seed=0)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["InputLayer", "Resizing", "Rescaling", "Conv2D", "Activation", "MaxPooling2D",
+                     "Conv2D", "Activation", "MaxPooling2D", "Flatten", "Dense", "Dense"]
+    assert model.output_shape == (None, 12)
+
+
+# --- the stage -------------------------------------------------------------------------------------------------
+
+def test_train_cnn_keeps_the_best_epoch_writes_curves_and_is_reproducible(prepared):
+    prepared.set_params(**{**TINY, "train_cnn.epochs": 4})
+    dvc_yaml = (prepared.root / "dvc.yaml").read_bytes()
+    prepared.stage("train_cnn")
+    root = prepared.root
+    metrics = read_json(root / "reports/cnn/train.json")
+    card = read_json(root / "models/cnn.json")
+    assert card["name"] == "cnn" and card["class_names"] == ["class_0", "class_1", "class_2"]
+    assert card["image_size"] == 32 and card["val_accuracy"] == metrics["val_accuracy"]
+    assert metrics["epochs_run"] == 4 and 1 <= metrics["best_epoch"] <= 4
+    history = (root / "reports/cnn/history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,phase,loss,accuracy,val_loss,val_accuracy") and len(history) == 5
+    best_row = history[metrics["best_epoch"]].split(",")
+    assert float(best_row[5]) == pytest.approx(metrics["val_accuracy"])
+    assert max(float(row.split(",")[5]) for row in history[1:]) == pytest.approx(metrics["val_accuracy"])
+    assert (root / "reports/cnn/training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for split in ("train", "val"):
+        for metric in ("loss", "accuracy"):
+            rows = (root / f"reports/cnn/live/plots/metrics/{split}/{metric}.tsv").read_text().splitlines()
+            assert len(rows) == 5
+    assert (root / "dvc.yaml").read_bytes() == dvc_yaml  # DVCLive must not edit dvc.yaml
+    assert not list((root / "models").glob(".*tmp*"))  # atomic writes leave no temporary file
+
+    # The saved model follows the contract: loads safely, pixels 0..255 in, probabilities out.
+    loaded = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent("""
+            import sys, numpy as np
+            sys.path.insert(0, "scripts")
+            from imgcls.modelio import load_model
+            from imgcls.dataset import load_split
+            model, card = load_model("models/cnn.keras")
+            pixels, labels, _ = load_split("val")
+            probabilities = model.predict(pixels.astype("float32"), verbose=0)
+            print(float(np.mean(probabilities.argmax(1) == labels)), float(probabilities.sum(1).mean()))
+        """)], cwd=root, env=stage_env(), capture_output=True, text=True, check=True)
+    accuracy, total = map(float, loaded.stdout.split())
+    assert accuracy == pytest.approx(card["val_accuracy"], abs=1e-6) and total == pytest.approx(1.0, abs=1e-4)
+
+    # Same params and data on CPU: the same numbers again.
+    first = [line.split(",")[:6] for line in history]
+    prepared.stage("train_cnn")
+    second = [line.split(",")[:6] for line in (root / "reports/cnn/history.csv").read_text().splitlines()]
+    assert second == first
+
+
+def test_train_cnn_runs_on_jax_without_tensorflow(prepared):
+    prepared.set_params(**{**TINY, "train_cnn.epochs": 1, "train_cnn.warmup_epochs": 0})
+    # A finder that refuses tensorflow: `sys.modules["tensorflow"] = None` is not enough, Keras'
+    # preprocessing layers would then think TensorFlow is loaded.
+    program = textwrap.dedent("""
+        import importlib.abc, runpy, sys
+
+        class NoTensorFlow(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "tensorflow" or name.startswith(("tensorflow.", "tensorflow_")):
+                    raise ImportError(f"{name} is blocked: this run must not need TensorFlow")
+                return None
+
+        sys.meta_path.insert(0, NoTensorFlow())
+        sys.path.insert(0, "scripts")
+        sys.argv = ["scripts/train_cnn.py"]
+        try:
+            runpy.run_path("scripts/train_cnn.py", run_name="__main__")
+        finally:
+            loaded = sorted(name for name in sys.modules if name.split(".")[0] == "tensorflow")
+            print("tensorflow modules:", loaded)
+    """)
+    env = dict(stage_env(), KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", program], cwd=prepared.root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "backend jax" in result.stdout and "tensorflow modules: []" in result.stdout
+    card = read_json(prepared.root / "models/cnn.json")
+    assert card["backend"] == "jax" and 0 <= card["val_accuracy"] <= 1
+
+
+def test_dvc_exp_run_sets_params_and_records_metrics(project):
+    project.set_params(**TINY)
+    project.run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qam", "tiny")
+    project.dvc("exp", "run", "-S", "train_cnn.epochs=2", "-S", "train_cnn.learning_rate=0.005", "train_cnn")
+    shown = json.loads(project.dvc("exp", "show", "--json").stdout)
+    text = json.dumps(shown)
+    assert '"epochs": 2' in text and '"learning_rate": 0.005' in text
+    assert "reports/cnn/train.json" in text and '"epochs_run": 2' in text
+    # The experiment ran in the workspace: its model and curves are there, and dvc.yaml is untouched by DVCLive.
+    assert (project.root / "models/cnn.keras").exists()
+    assert project.run("git", "status", "--porcelain", "dvc.yaml").stdout == ""
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+def test_missing_split_says_which_stage_to_run(project):
+    project.set_params(**TINY)
+    result = project.stage("train_cnn", check=False)
+    assert result.returncode == 2
+    assert "data/split/classes.txt not found" in result.stderr and "dvc repro split" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_out_of_range_params_name_the_key(prepared):
+    prepared.set_params(**{"train_cnn.learning_rate": -1, "train_cnn.augment.rotation": 3,
+                           "train_cnn.filters": [32, 0]})
+    result = prepared.stage("train_cnn", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train_cnn.learning_rate = -1" in result.stderr
+    assert "train_cnn.augment.rotation = 3" in result.stderr
+    assert "train_cnn.filters.1 = 0: Input should be greater than or equal to 1" in result.stderr
+    prepared.set_params(**{"train_cnn.learning_rate": 0.01, "train_cnn.augment.rotation": 0,
+                           "train_cnn.filters": [8], "train_cnn.epochs": 2, "train_cnn.warmup_epochs": 2})
+    result = prepared.stage("train_cnn", check=False)
+    assert result.returncode == 2 and "warmup_epochs (2) must be less than epochs (2)" in result.stderr
+
+
+def test_resized_images_that_do_not_match_params_ask_for_resize(prepared):
+    prepared.set_params(**TINY, **{"resize.image_size": 48})
+    result = prepared.stage("train_cnn", check=False)
+    assert result.returncode == 2
+    assert "32 px images but resize.image_size is 48" in result.stderr and "dvc repro resize" in result.stderr
+
+
+def test_a_training_that_never_has_finite_losses_says_to_lower_the_learning_rate():
+    import keras
+
+    from imgcls.errors import UserError
+    from imgcls.training import KeepBest
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    best = KeepBest("val_accuracy")
+    best.set_model(model)
+    best.on_epoch_end(0, {"loss": float("nan"), "val_loss": float("nan"), "val_accuracy": 0.5})
+    with pytest.raises(UserError, match="lower the learning rate"):
+        best.restore(model)
+    best.on_epoch_end(1, {"loss": 1.0, "val_loss": 1.2, "val_accuracy": 0.4})
+    best.on_epoch_end(2, {"loss": 0.9, "val_loss": 1.3, "val_accuracy": 0.3})
+    assert best.best_epoch == 2 and best.best_value == 0.4 and best.epochs_seen == 3
+    best.on_epoch_end(3, {"loss": 0.8, "val_loss": 1.1, "val_accuracy": 0.4})  # a tie with a lower loss wins
+    best.on_epoch_end(4, {"loss": 0.7, "val_loss": 1.15, "val_accuracy": 0.4})
+    assert best.best_epoch == 4 and best.best_logs["val_loss"] == 1.1
+
+
+def test_the_cifar10_preset_prints_valid_params_overrides():
+    from imgcls.params import Params
+
+    result = subprocess.run([sys.executable, "scripts/preset.py", "cifar10"], cwd=REPO, capture_output=True,
+                            text=True, check=True)
+    arguments = result.stdout.split()
+    assert arguments[:2] == ["-S", "data.source=cifar10"] and "train_cnn.filters=[64,128,256]" in arguments
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for setting in arguments[1::2]:
+        key, _, value = setting.partition("=")
+        *sections, last = key.split(".")
+        target = params
+        for section in sections:
+            target = target[section]
+        assert last in target, f"the preset sets {key}, which params.yaml does not have"
+        target[last] = yaml.safe_load(value)
+    # Each section the preset touches must still validate (the others are not the preset's business).
+    touched = {setting.split(".")[0] for setting in arguments[1::2]}
+    loaded = {name: Params.model_fields[name].annotation.model_validate(params[name]) for name in touched}
+    assert loaded["resize"].image_size == loaded["train_cnn"].input_size == 32
+    missing = subprocess.run([sys.executable, "scripts/preset.py", "imagenet"], cwd=REPO, capture_output=True, text=True)
+    assert missing.returncode != 0 and "presets/imagenet.yaml not found: presets are cifar10" in missing.stderr

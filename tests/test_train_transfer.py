@@ -1,0 +1,257 @@
+"""train_transfer: ImageNet bases, their weights and preprocessing, both training phases, bad input.
+
+Training runs for real on tiny generated images with randomly initialised
+bases (weights: none) at their smallest input size; one test loads the real
+MobileNetV2 ImageNet weights from the Keras cache when it holds them.
+"""
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import stage_env
+from imgcls import transfer
+from imgcls.errors import UserError
+
+TINY = {
+    "train_transfer.weights": "none",
+    "train_transfer.input_size": 32,
+    "train_transfer.batch_size": 8,
+    "train_transfer.head.epochs": 2,
+    "train_transfer.fine_tune.epochs": 1,
+    "train_transfer.fine_tune.unfreeze": 10,
+    "train_transfer.fine_tune.cached_copies": 1,
+}
+
+
+# --- bases, preprocessing, weights -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(transfer.BASES))
+def test_preprocessing_layers_match_the_base_preprocess_input(name):
+    pixels = np.random.default_rng(0).uniform(0, 255, size=(2, 5, 5, 3)).astype("float32")
+    output = pixels
+    for layer in transfer.preprocessing_layers(name):
+        output = np.asarray(layer(output))
+    np.testing.assert_allclose(output, transfer.preprocess_input(name, pixels), rtol=1e-5, atol=1e-4)
+
+
+def test_unknown_base_is_refused_with_the_known_ones():
+    with pytest.raises(UserError, match="'MobileNetV3' is not a known base.*MobileNetV2.*ResNet50.*Xception"):
+        transfer.get_base("MobileNetV3")
+
+
+def test_input_too_small_for_the_base_names_the_minimum():
+    with pytest.raises(UserError, match="input_size = 32 is too small for Xception: it needs at least 71 px"):
+        transfer.resolve_input_size("Xception", 32)
+    assert transfer.resolve_input_size("Xception", 0) == 299  # 0 = the base's default
+
+
+def test_missing_weights_file_is_refused(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        transfer.build_base("MobileNetV2", 32, str(tmp_path / "absent.weights.h5"))
+
+
+def test_local_weights_file_loads_and_one_of_another_architecture_is_refused(tmp_path):
+    source = transfer.build_base("MobileNetV2", 32, "none")
+    path = tmp_path / "mobilenet.weights.h5"
+    source.save_weights(path)
+    loaded = transfer.build_base("MobileNetV2", 32, str(path))
+    for expected, actual in zip(source.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(expected, actual)
+    with pytest.raises(UserError, match=r"does not fit EfficientNetB0 at 32 px.*include_top=False"):
+        transfer.build_base("EfficientNetB0", 32, str(path))
+
+
+def test_missing_imagenet_weights_offline_names_file_url_and_cache(tmp_path, monkeypatch):
+    # An empty cache, and every download sent to a closed local port: exactly "offline".
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    for variable in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    for variable in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    file_name = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5"
+    with pytest.raises(UserError) as raised:
+        transfer.build_base("MobileNetV2", 96, "imagenet")
+    message = str(raised.value)
+    assert file_name in message
+    assert "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/" + file_name in message
+    assert str(tmp_path / "models" / file_name) in message
+
+
+def test_unfreeze_top_layers_or_from_a_named_layer_keeps_batch_norm_frozen():
+    import keras
+
+    base = transfer.build_base("MobileNetV2", 32, "none")
+    assert transfer.unfreeze_top(base, 10) == 10
+    assert [layer.trainable for layer in base.layers[:-10]] == [False] * (len(base.layers) - 10)
+    assert all(layer.trainable != isinstance(layer, keras.layers.BatchNormalization) for layer in base.layers[-10:])
+    assert transfer.unfreeze_top(base, "block_16_expand") == len(base.layers) - [l.name for l in base.layers].index("block_16_expand")
+    with pytest.raises(UserError, match="has no layer of that name.*block_16_project"):
+        transfer.unfreeze_top(base, "block_99")
+    with pytest.raises(UserError, match=f"has only {len(base.layers)} layers"):
+        transfer.unfreeze_top(base, 1000)
+
+
+def test_classifier_turns_raw_pixels_into_probabilities_and_features_match_it():
+    base = transfer.build_base("ResNet50", 32, "none")
+    head = transfer.build_head(base.output_shape[-1], 3, [8], 0.1)
+    classifier = transfer.build_classifier("ResNet50", base, head, 40, 32)  # 40 px images resized to 32
+    pixels = np.random.default_rng(1).integers(0, 256, size=(5, 40, 40, 3)).astype("uint8")
+    probabilities = classifier.predict(pixels.astype("float32"), verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+    features = transfer.compute_features(transfer.feature_extractor("ResNet50", base, 40, 32), pixels, batch_size=2)
+    np.testing.assert_allclose(head.predict(features, verbose=0), probabilities, rtol=1e-4, atol=1e-6)
+
+
+def _cached_mobilenet_weights() -> Path | None:
+    file_name, _ = transfer.BASES["MobileNetV2"].imagenet_weights(96)
+    path = transfer.weights_cache_path(file_name)
+    return path if path.exists() else None
+
+
+def _gear_archive() -> Path | None:
+    path = transfer.keras_cache_dir() / "datasets" / "gear_images.zip"
+    return path if path.exists() else None
+
+
+@pytest.mark.skipif(_cached_mobilenet_weights() is None or _gear_archive() is None,
+                    reason="needs MobileNetV2 96 px ImageNet weights and gear_images.zip in the Keras cache"
+                           " (KERAS_HOME, e.g. `make test KERAS_CACHE=...`)")
+def test_real_imagenet_weights_give_a_linear_probe_far_above_chance():
+    from sklearn.linear_model import LogisticRegression
+
+    from imgcls.images import decode_image
+
+    # 12 photos each of 4 gear classes, decoded exactly as the resize stage does.
+    classes = ["boots", "carabiners", "helmets", "tents"]
+    pixels, labels = [], []
+    with zipfile.ZipFile(_gear_archive()) as archive:
+        names = sorted(name for name in archive.namelist() if not name.endswith("/"))
+        for label, class_name in enumerate(classes):
+            for name in [name for name in names if f"/{class_name}/" in name][:12]:
+                decoded = decode_image(io.BytesIO(archive.read(name)), 96, "pad", (255, 255, 255), 89478485)
+                pixels.append(decoded.pixels)
+                labels.append(label)
+    pixels, labels = np.stack(pixels), np.array(labels)
+    base = transfer.build_base("MobileNetV2", 96, "imagenet")
+    features = transfer.compute_features(transfer.feature_extractor("MobileNetV2", base, 96, 96), pixels)
+    train = np.arange(len(labels)) % 3 != 0  # 8 photos per class to fit, 4 to score
+    probe = LogisticRegression(max_iter=2000).fit(features[train], labels[train])
+    accuracy = probe.score(features[~train], labels[~train])
+    assert accuracy >= 0.85, f"linear probe on ImageNet features: {accuracy:.2f} (chance 0.25)"
+
+
+# --- the stage ---------------------------------------------------------------------------------------
+
+
+def test_both_phases_train_and_save_a_self_contained_model(prepared):
+    prepared.set_params(**TINY)
+    result = prepared.stage("train_transfer")
+    assert "features of" in result.stdout and "computed once" in result.stdout
+    assert "fine-tuning 10 layers of MobileNetV2 (154 in all), on cached activations" in result.stdout
+    assert "activations below layer" in result.stdout and "(1 augmented copies each)" in result.stdout
+    root = prepared.root
+
+    card = json.loads((root / "models/transfer.json").read_text())
+    assert card["name"] == "transfer" and card["base"] == "MobileNetV2" and card["image_size"] == 32
+    assert card["class_names"] == (root / "data/split/classes.txt").read_text().split()
+    history = pd.read_csv(root / "reports/transfer/history.csv")
+    assert list(history["phase"]) == ["head", "head", "fine-tune"]
+    assert (root / "reports/transfer/training.png").stat().st_size > 0
+    assert (root / "reports/transfer/live/plots/metrics/val/loss.tsv").exists()
+    metrics = json.loads((root / "reports/transfer/train.json").read_text())
+    assert {"val_accuracy", "cache_seconds", "feature_seconds", "head_seconds", "fine_tune_seconds"} <= metrics.keys()
+
+    # The saved model loads in safe mode (no Lambda layers) and predicts from 0..255 pixels alone.
+    check = (
+        "import sys; sys.path.insert(0, 'scripts'); import numpy as np\n"
+        "from imgcls.modelio import load_model\n"
+        "from imgcls.dataset import load_split\n"
+        "model, card = load_model('models/transfer.keras')\n"
+        "pixels, labels, _ = load_split('val')\n"
+        "p = model.predict(pixels.astype('float32'), verbose=0)\n"
+        "print(p.shape, round(float(p.sum(axis=1).mean()), 4))\n"
+    )
+    output = prepared.run(sys.executable, "-c", check).stdout
+    assert output.strip().endswith(", 3) 1.0")
+
+
+def test_augmentation_afresh_every_epoch_trains_both_phases_on_images(prepared):
+    prepared.set_params(**{**TINY, "train_transfer.head.epochs": 1, "train_transfer.head.augment.flip": "horizontal",
+                           "train_transfer.fine_tune.cached_copies": 0})
+    result = prepared.stage("train_transfer")
+    assert "computed once" not in result.stdout and "fine-tuning 10 layers of MobileNetV2 (" in result.stdout
+    assert "on images" in result.stdout
+    history = pd.read_csv(prepared.root / "reports/transfer/history.csv")
+    assert list(history["phase"]) == ["head", "fine-tune"]
+    metrics = json.loads((prepared.root / "reports/transfer/train.json").read_text())
+    assert "feature_seconds" not in metrics and "cache_seconds" not in metrics
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train_transfer.base": "ResNet18"}, "'ResNet18' is not a known base network"),
+    ({"train_transfer.base": "Xception", "train_transfer.input_size": 32}, "too small for Xception"),
+    ({"train_transfer.weights": "weights/absent.h5"}, "'weights/absent.h5': no such file"),
+])
+def test_bad_transfer_params_stop_the_stage_with_one_clear_message(prepared, changes, message):
+    prepared.set_params(**{**TINY, "train_transfer.head.epochs": 1, **changes})
+    (prepared.root / "models/transfer.keras").unlink(missing_ok=True)
+    result = prepared.stage("train_transfer", check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (prepared.root / "models/transfer.keras").exists()
+
+
+def test_train_transfer_runs_on_jax_without_tensorflow(prepared):
+    prepared.set_params(**{**TINY, "train_transfer.head.epochs": 1, "train_transfer.fine_tune.unfreeze": 5})
+    # A finder that refuses tensorflow (setting sys.modules["tensorflow"] = None is not enough:
+    # Keras' preprocessing layers would then believe TensorFlow is loaded).
+    program = textwrap.dedent("""
+        import importlib.abc, runpy, sys
+
+        class NoTensorFlow(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "tensorflow" or name.startswith(("tensorflow.", "tensorflow_")):
+                    raise ImportError(f"{name} is blocked: this run must not need TensorFlow")
+                return None
+
+        sys.meta_path.insert(0, NoTensorFlow())
+        sys.path.insert(0, "scripts")
+        sys.argv = ["scripts/train_transfer.py"]
+        try:
+            runpy.run_path("scripts/train_transfer.py", run_name="__main__")
+        finally:
+            print("tensorflow modules:", sorted(name for name in sys.modules if name.split(".")[0] == "tensorflow"))
+    """)
+    env = dict(stage_env(), KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", program], cwd=prepared.root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "backend jax" in result.stdout and "tensorflow modules: []" in result.stdout
+    assert "computed once" in result.stdout and "fine-tuning 5 layers" in result.stdout
+    card = json.loads((prepared.root / "models/transfer.json").read_text())
+    assert card["backend"] == "jax"
+
+
+def test_dvc_repro_runs_the_stage_with_phase_two_off_and_metrics_show_lists_it(prepared):
+    prepared.set_params(**{**TINY, "train_transfer.fine_tune.epochs": 0})
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    prepared.run(*git, "commit", "-qam", "tiny transfer")
+    result = prepared.dvc("repro", "train_transfer")
+    assert "Running stage 'train_transfer'" in result.stdout
+    assert "fine-tuning" not in result.stdout and "activations below" not in result.stdout
+    history = pd.read_csv(prepared.root / "reports/transfer/history.csv")
+    assert list(history["phase"]) == ["head", "head"]
+    assert (prepared.root / "models/transfer.keras").exists()
+    shown = prepared.dvc("metrics", "show", "--json").stdout
+    assert "reports/transfer/train.json" in shown and "val_accuracy" in shown
+    again = prepared.dvc("repro", "train_transfer")
+    assert "Running stage 'train_transfer'" not in again.stdout
