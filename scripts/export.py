@@ -27,7 +27,40 @@ METRICS_FILE = REPORTS_DIR / "export" / "metrics.json"
 BATCH_SIZE = 64
 
 
+def without_antialiasing(model):
+    """`model` with plain bilinear Resizing layers, or None when it has no antialiased one.
+
+    TFLite has no antialiased resize op (not even through the TensorFlow-ops
+    fallback), so an antialiased Resizing layer (the CNN's, or a transfer base's
+    smaller input) is exported as plain bilinear resizing. It has no weights;
+    everything else is copied as is, and the agreement check measures the effect.
+    """
+    import keras
+
+    def resizing(layer) -> bool:
+        return isinstance(layer, keras.layers.Resizing) and layer.get_config().get("antialias", False)
+
+    def every_layer(container):
+        for layer in container.layers:
+            yield layer
+            if hasattr(layer, "layers"):  # a nested model, e.g. the augmentation Sequential
+                yield from every_layer(layer)
+
+    if not any(resizing(layer) for layer in every_layer(model)):
+        return None
+
+    def clone(layer):
+        if not resizing(layer):
+            return layer.__class__.from_config(layer.get_config())
+        return keras.layers.Resizing.from_config({**layer.get_config(), "antialias": False})
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def convert(model, quantization: str) -> bytes:
+    """The TFLite flatbuffer of `model`, float16 or dynamic-range quantised."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -74,7 +107,8 @@ def main() -> None:
             " retrain it (`dvc repro`) after changing resize.image_size."
         )
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints a description of every traced function
-        content = convert(classifier.model, settings.quantization)
+        plain_resizing = without_antialiasing(classifier.model)
+        content = convert(plain_resizing or classifier.model, settings.quantization)
     keras_top1 = classifier.probabilities(pixels).argmax(axis=1)
     lite_top1 = tflite_probabilities(content, pixels).argmax(axis=1)
 
@@ -88,6 +122,8 @@ def main() -> None:
         "model": classifier.name,
         "quantization": settings.quantization,
         "tflite_bytes": len(content),
+        # True when the Keras model's antialiased resizing became plain bilinear resizing.
+        "resizing_without_antialiasing": plain_resizing is not None,
         "keras_bytes": model_file.stat().st_size,
         "test_images": int(len(pixels)),
         "top1_agreement": float(np.mean(keras_top1 == lite_top1)) if len(pixels) else None,

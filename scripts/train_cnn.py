@@ -6,36 +6,18 @@ validation score is kept; curves go to reports/cnn/ (DVCLive plots data,
 history.csv, training.png) and the training summary to reports/cnn/train.json.
 """
 
-from imgcls.dataset import REPORTS_DIR, load_class_names, load_images, load_manifest, load_split
-from imgcls.errors import UserError, run_stage
+from imgcls.dataset import REPORTS_DIR, load_training_data
+from imgcls.errors import run_stage
 from imgcls.params import load_params
 
 NAME = "cnn"
 REPORT_DIR = REPORTS_DIR / NAME
 
 
-def load_training_data(params):
-    """(class names, (train pixels, labels), (val pixels, labels)), checked against params."""
-    class_names = load_class_names()
-    manifest = load_manifest()
-    images = load_images()
-    if images.shape[1] != params.resize.image_size:
-        raise UserError(
-            f"data/resized holds {images.shape[1]} px images but resize.image_size is {params.resize.image_size}:"
-            " run `dvc repro resize split` (or `dvc repro`) to bring them in line."
-        )
-    train_pixels, train_labels, _ = load_split("train", manifest, images)
-    val_pixels, val_labels, _ = load_split("val", manifest, images)
-    for split, labels in (("train", train_labels), ("val", val_labels)):
-        if len(labels) == 0:
-            raise UserError(f"the {split} split is empty: check the split fractions in params.yaml and run `dvc repro split`.")
-    return class_names, (train_pixels, train_labels), (val_pixels, val_labels)
-
-
 def main() -> None:
     params = load_params()
     section = params.train_cnn
-    class_names, (train_pixels, train_labels), (val_pixels, val_labels) = load_training_data(params)
+    class_names, (train_pixels, train_labels), (val_pixels, val_labels) = load_training_data(params.resize.image_size)
 
     # Keras is imported only now, so a bad params.yaml fails in a fraction of a second.
     import keras

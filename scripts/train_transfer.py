@@ -18,30 +18,12 @@ phase boundary) and the training summary to reports/transfer/train.json.
 
 import time
 
-from imgcls.dataset import REPORTS_DIR, load_class_names, load_images, load_manifest, load_split
-from imgcls.errors import UserError, run_stage
+from imgcls.dataset import REPORTS_DIR, load_training_data
+from imgcls.errors import run_stage
 from imgcls.params import load_params
 
 NAME = "transfer"
 REPORT_DIR = REPORTS_DIR / NAME
-
-
-def load_training_data(params):
-    """(class names, (train pixels, labels), (val pixels, labels)), checked against params."""
-    class_names = load_class_names()
-    manifest = load_manifest()
-    images = load_images()
-    if images.shape[1] != params.resize.image_size:
-        raise UserError(
-            f"data/resized holds {images.shape[1]} px images but resize.image_size is {params.resize.image_size}:"
-            " run `dvc repro resize split` (or `dvc repro`) to bring them in line."
-        )
-    train_pixels, train_labels, _ = load_split("train", manifest, images)
-    val_pixels, val_labels, _ = load_split("val", manifest, images)
-    for split, labels in (("train", train_labels), ("val", val_labels)):
-        if len(labels) == 0:
-            raise UserError(f"the {split} split is empty: check the split fractions in params.yaml and run `dvc repro split`.")
-    return class_names, (train_pixels, train_labels), (val_pixels, val_labels)
 
 
 def main() -> None:
@@ -52,7 +34,7 @@ def main() -> None:
 
     input_size = transfer.resolve_input_size(section.base, section.input_size)
     transfer.check_weights_setting(section.base, section.weights)
-    class_names, (train_pixels, train_labels), (val_pixels, val_labels) = load_training_data(params)
+    class_names, (train_pixels, train_labels), (val_pixels, val_labels) = load_training_data(params.resize.image_size)
 
     import keras
 

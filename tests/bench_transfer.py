@@ -24,7 +24,6 @@ from pathlib import Path
 def _measure(workdir: Path) -> dict:
     """Runs inside WORKDIR (a subprocess): test accuracy, linear probe, one uncached phase-1 epoch."""
     sys.path.insert(0, str(workdir / "scripts"))
-    import numpy as np
     from sklearn.linear_model import LogisticRegression
 
     from imgcls import modelio, training, transfer

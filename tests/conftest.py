@@ -22,6 +22,27 @@ sys.path.insert(0, str(REPO / "scripts"))
 COLOURS = [(220, 40, 40), (40, 200, 60), (40, 70, 220), (230, 200, 40), (160, 60, 200), (40, 200, 200)]
 
 
+# Params that make each trainer tiny and fast on the generated 32 px images.
+TINY_CNN = {
+    "train_cnn.input_size": 24,
+    "train_cnn.filters": [8, 16],
+    "train_cnn.convs_per_block": 1,
+    "train_cnn.batch_size": 8,
+    "train_cnn.epochs": 3,
+    "train_cnn.warmup_epochs": 1,
+    "train_cnn.learning_rate": 0.01,
+}
+TINY_TRANSFER = {
+    "train_transfer.weights": "none",
+    "train_transfer.input_size": 32,
+    "train_transfer.batch_size": 8,
+    "train_transfer.head.epochs": 2,
+    "train_transfer.fine_tune.epochs": 1,
+    "train_transfer.fine_tune.unfreeze": 10,
+    "train_transfer.fine_tune.cached_copies": 1,
+}
+
+
 def make_dataset(root: Path, classes: int = 3, per_class: int = 12, size: int = 40, seed: int = 0,
                  splits: tuple[str, ...] = ()) -> Path:
     """Write `per_class` noisy images of a coloured square for each class, as <class>/<n>.png.
@@ -55,6 +76,28 @@ def stage_env() -> dict[str, str]:
     return env
 
 
+# Runs a stage script with every `tensorflow*` import refused, then lists any TensorFlow module
+# that got loaded anyway. A meta-path finder is needed: `sys.modules["tensorflow"] = None`
+# is not enough, Keras' preprocessing layers would then believe TensorFlow is loaded.
+WITHOUT_TENSORFLOW = """
+import importlib.abc, runpy, sys
+
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith(("tensorflow.", "tensorflow_")):
+            raise ImportError(f"{name} is blocked: this run must not need TensorFlow")
+        return None
+
+sys.meta_path.insert(0, NoTensorFlow())
+sys.path.insert(0, "scripts")
+sys.argv = [sys.argv[1]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("tensorflow modules:", sorted(name for name in sys.modules if name.split(".")[0] == "tensorflow"))
+"""
+
+
 class Project:
     """A copy of the repository in a temporary git repo, with helpers to edit params and run stages."""
 
@@ -85,6 +128,11 @@ class Project:
     def stage(self, name: str, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run scripts/<name>.py directly (not through DVC)."""
         return self.run(sys.executable, f"scripts/{name}.py", *args, check=check, env=env)
+
+    def stage_on_jax_without_tensorflow(self, name: str) -> subprocess.CompletedProcess:
+        """Run scripts/<name>.py with KERAS_BACKEND=jax and TensorFlow made impossible to import."""
+        return self.run(sys.executable, "-c", WITHOUT_TENSORFLOW, f"scripts/{name}.py",
+                        env={"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"})
 
     def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.run(sys.executable, "-m", "dvc", *args, check=check)

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
+from conftest import TINY_CNN
 from tiny_model import copy_model, train_on_project
 
 
@@ -68,3 +69,13 @@ def test_best_model_dynamic_quantisation_and_missing_model(prepared):
     assert metrics["top1_agreement"] >= 0.8
     assert (prepared.root / "models" / "best.tflite").stat().st_size == metrics["tflite_bytes"]
     assert (prepared.root / "models" / "best.labels.txt").exists()
+
+
+def test_a_trained_cnn_with_antialiased_resizing_exports_with_plain_resizing(prepared):
+    # TFLite has no antialiased resize: export swaps in plain bilinear resizing and measures the effect.
+    prepared.set_params(**{**TINY_CNN, "train_cnn.epochs": 2, "export.model": "cnn"})
+    prepared.stage("train_cnn")
+    prepared.stage("export")
+    metrics = json.loads((prepared.root / "reports" / "export" / "metrics.json").read_text())
+    assert metrics["resizing_without_antialiasing"] is True
+    assert 0 <= metrics["top1_agreement"] <= 1 and (prepared.root / "models" / "cnn.tflite").stat().st_size > 0

@@ -2,6 +2,8 @@
 
 import re
 
+from conftest import TINY_CNN, TINY_TRANSFER
+
 
 def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
@@ -31,3 +33,22 @@ def test_repro_runs_once_then_nothing_and_a_split_param_reruns_only_split(projec
         path for path in changed if path.endswith(".gitignore")
     ]
     assert "params.yaml" in changed and "dvc.lock" in changed
+
+
+def test_the_whole_pipeline_runs_end_to_end_then_does_nothing(project):
+    project.set_params(**TINY_CNN, **TINY_TRANSFER)
+    project.run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qam", "tiny models")
+    first = project.dvc("repro")
+    assert ran_stages(first.stdout) == [
+        "data", "resize", "split", "train_cnn", "train_transfer", "evaluate", "predict_new", "export",
+    ]
+    metrics = project.dvc("metrics", "show", "--json").stdout
+    for key in ('"cnn"', '"transfer"', '"accuracy"', '"macro_f1"'):
+        assert key in metrics
+    predictions = (project.root / "reports/predictions.csv").read_text().splitlines()
+    assert len(predictions) == 1 + 3  # one held-out photo per class
+    assert ran_stages(project.dvc("repro").stdout) == []
+
+    # A later stage's param reruns that stage and what depends on its output, never the data stages.
+    project.set_params(**{"predict_new.top_k": 2})
+    assert ran_stages(project.dvc("repro").stdout) == ["predict_new"]

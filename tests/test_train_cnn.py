@@ -9,18 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, stage_env
+from conftest import REPO, TINY_CNN, stage_env
 
 # A net that trains in seconds on the 32 px generated images.
-TINY = {
-    "train_cnn.input_size": 24,
-    "train_cnn.filters": [8, 16],
-    "train_cnn.convs_per_block": 1,
-    "train_cnn.batch_size": 8,
-    "train_cnn.epochs": 3,
-    "train_cnn.warmup_epochs": 1,
-    "train_cnn.learning_rate": 0.01,
-}
+TINY = TINY_CNN
 
 
 def read_json(path):
@@ -165,29 +157,7 @@ def test_train_cnn_keeps_the_best_epoch_writes_curves_and_is_reproducible(prepar
 
 def test_train_cnn_runs_on_jax_without_tensorflow(prepared):
     prepared.set_params(**{**TINY, "train_cnn.epochs": 1, "train_cnn.warmup_epochs": 0})
-    # A finder that refuses tensorflow: `sys.modules["tensorflow"] = None` is not enough, Keras'
-    # preprocessing layers would then think TensorFlow is loaded.
-    program = textwrap.dedent("""
-        import importlib.abc, runpy, sys
-
-        class NoTensorFlow(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "tensorflow" or name.startswith(("tensorflow.", "tensorflow_")):
-                    raise ImportError(f"{name} is blocked: this run must not need TensorFlow")
-                return None
-
-        sys.meta_path.insert(0, NoTensorFlow())
-        sys.path.insert(0, "scripts")
-        sys.argv = ["scripts/train_cnn.py"]
-        try:
-            runpy.run_path("scripts/train_cnn.py", run_name="__main__")
-        finally:
-            loaded = sorted(name for name in sys.modules if name.split(".")[0] == "tensorflow")
-            print("tensorflow modules:", loaded)
-    """)
-    env = dict(stage_env(), KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", program], cwd=prepared.root, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = prepared.stage_on_jax_without_tensorflow("train_cnn")
     assert "backend jax" in result.stdout and "tensorflow modules: []" in result.stdout
     card = read_json(prepared.root / "models/cnn.json")
     assert card["backend"] == "jax" and 0 <= card["val_accuracy"] <= 1

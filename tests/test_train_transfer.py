@@ -7,9 +7,7 @@ MobileNetV2 ImageNet weights from the Keras cache when it holds them.
 
 import io
 import json
-import subprocess
 import sys
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -17,19 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import stage_env
+from conftest import TINY_TRANSFER
 from imgcls import transfer
 from imgcls.errors import UserError
 
-TINY = {
-    "train_transfer.weights": "none",
-    "train_transfer.input_size": 32,
-    "train_transfer.batch_size": 8,
-    "train_transfer.head.epochs": 2,
-    "train_transfer.fine_tune.epochs": 1,
-    "train_transfer.fine_tune.unfreeze": 10,
-    "train_transfer.fine_tune.cached_copies": 1,
-}
+TINY = TINY_TRANSFER
 
 
 # --- bases, preprocessing, weights -------------------------------------------------------------------
@@ -213,28 +203,7 @@ def test_bad_transfer_params_stop_the_stage_with_one_clear_message(prepared, cha
 
 def test_train_transfer_runs_on_jax_without_tensorflow(prepared):
     prepared.set_params(**{**TINY, "train_transfer.head.epochs": 1, "train_transfer.fine_tune.unfreeze": 5})
-    # A finder that refuses tensorflow (setting sys.modules["tensorflow"] = None is not enough:
-    # Keras' preprocessing layers would then believe TensorFlow is loaded).
-    program = textwrap.dedent("""
-        import importlib.abc, runpy, sys
-
-        class NoTensorFlow(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "tensorflow" or name.startswith(("tensorflow.", "tensorflow_")):
-                    raise ImportError(f"{name} is blocked: this run must not need TensorFlow")
-                return None
-
-        sys.meta_path.insert(0, NoTensorFlow())
-        sys.path.insert(0, "scripts")
-        sys.argv = ["scripts/train_transfer.py"]
-        try:
-            runpy.run_path("scripts/train_transfer.py", run_name="__main__")
-        finally:
-            print("tensorflow modules:", sorted(name for name in sys.modules if name.split(".")[0] == "tensorflow"))
-    """)
-    env = dict(stage_env(), KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", program], cwd=prepared.root, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = prepared.stage_on_jax_without_tensorflow("train_transfer")
     assert "backend jax" in result.stdout and "tensorflow modules: []" in result.stdout
     assert "computed once" in result.stdout and "fine-tuning 5 layers" in result.stdout
     card = json.loads((prepared.root / "models/transfer.json").read_text())

@@ -115,3 +115,21 @@ def load_split(split: str, manifest: pd.DataFrame | None = None, images: np.ndar
         raise UserError(f"{MANIFEST_FILE} does not match {IMAGES_FILE}: rerun `dvc repro split`.")
     pixels = np.asarray(images[rows["id"].to_numpy()])
     return pixels, rows["label_index"].to_numpy(dtype=np.int64), rows
+
+
+def load_training_data(image_size: int):
+    """(class names, (train pixels, labels), (val pixels, labels)) for a trainer, checked against params."""
+    class_names = load_class_names()
+    manifest = load_manifest()
+    images = load_images()
+    if images.shape[1] != image_size:
+        raise UserError(
+            f"data/resized holds {images.shape[1]} px images but resize.image_size is {image_size}:"
+            " run `dvc repro resize split` (or `dvc repro`) to bring them in line."
+        )
+    train_pixels, train_labels, _ = load_split("train", manifest, images)
+    val_pixels, val_labels, _ = load_split("val", manifest, images)
+    for split, labels in (("train", train_labels), ("val", val_labels)):
+        if len(labels) == 0:
+            raise UserError(f"the {split} split is empty: check the split fractions in params.yaml and run `dvc repro split`.")
+    return class_names, (train_pixels, train_labels), (val_pixels, val_labels)

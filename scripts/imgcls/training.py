@@ -90,15 +90,19 @@ class ImageBatches(keras.utils.PyDataset):
     def __len__(self) -> int:
         return math.ceil(len(self.images) / self.batch_size)
 
+    def inputs(self, picked: np.ndarray):
+        """The model inputs of the images at positions `picked` (a subclass may serve other inputs)."""
+        return np.asarray(self.images[picked], dtype=np.float32)
+
     def __getitem__(self, index: int):
         picked = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        pixels = np.asarray(self.images[picked], dtype=np.float32)
+        inputs = self.inputs(picked)
         if self.labels is None:
-            return (pixels,)
+            return (inputs,)
         targets = np.eye(self.num_classes, dtype=np.float32)[self.labels[picked]]
         if self.weights is None:
-            return pixels, targets
-        return pixels, targets, self.weights[picked]
+            return inputs, targets
+        return inputs, targets, self.weights[picked]
 
     def on_epoch_end(self) -> None:
         self.epoch += 1

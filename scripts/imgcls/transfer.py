@@ -29,6 +29,7 @@ import keras
 import numpy as np
 
 from imgcls.errors import UserError
+from imgcls.training import ImageBatches
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 EFFICIENTNET_WEIGHTS_URL = "https://storage.googleapis.com/keras-applications/"
@@ -291,7 +292,7 @@ def split_base(base, first: int):
     return bottom, top
 
 
-class CachedBatches(keras.utils.PyDataset):
+class CachedBatches(ImageBatches):
     """Batches of precomputed activations, each image drawn at random from one of its versions.
 
     `versions` is a list (one entry per version of the images: plain, then
@@ -302,31 +303,15 @@ class CachedBatches(keras.utils.PyDataset):
 
     def __init__(self, versions, labels, num_classes: int, batch_size: int, shuffle: bool = False, seed: int = 0,
                  class_weights: dict | None = None):
-        super().__init__(workers=1, use_multiprocessing=False)
         self.versions = versions
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.num_classes = num_classes
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
-        self.weights = None
-        if class_weights is not None:
-            lookup = np.array([class_weights.get(index, 1.0) for index in range(num_classes)], dtype=np.float32)
-            self.weights = lookup[self.labels]
-        self._draw()
+        super().__init__(versions[0][0], labels, num_classes, batch_size, shuffle, seed, class_weights)
 
-    def _draw(self) -> None:
-        count = len(self.labels)
-        rng = np.random.default_rng([self.seed, self.epoch])
-        self.order = rng.permutation(count) if self.shuffle else np.arange(count)
-        self.version = rng.integers(0, len(self.versions), size=count)
+    def _order(self) -> np.ndarray:
+        self.version = np.random.default_rng([self.seed, self.epoch, 1]).integers(0, len(self.versions),
+                                                                                 size=len(self.labels))
+        return super()._order()
 
-    def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
-
-    def __getitem__(self, index: int):
-        picked = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+    def inputs(self, picked: np.ndarray):
         inputs = []
         for position in range(len(self.versions[0])):
             batch = self.versions[0][position][picked].copy()
@@ -334,15 +319,7 @@ class CachedBatches(keras.utils.PyDataset):
                 chosen = self.version[picked] == number
                 batch[chosen] = self.versions[number][position][picked[chosen]]
             inputs.append(batch)
-        inputs = tuple(inputs) if len(inputs) > 1 else inputs[0]
-        targets = np.eye(self.num_classes, dtype=np.float32)[self.labels[picked]]
-        if self.weights is None:
-            return inputs, targets
-        return inputs, targets, self.weights[picked]
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
-        self._draw()
+        return tuple(inputs) if len(inputs) > 1 else inputs[0]
 
 
 def as_list(arrays) -> list:
