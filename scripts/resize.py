@@ -37,20 +37,25 @@ REPORT_DIR = REPORTS_DIR / "resize"
 _settings = {}  # set once per worker process by _init_worker
 
 
-def _init_worker(settings: dict) -> None:
+def _init_worker(settings: dict, output: Path) -> None:
     _settings.update(settings)
+    # Each worker writes its rows straight into the memory-mapped output: only a
+    # few bytes of metadata per image travel back to the main process.
+    _settings["pixels"] = np.load(output, mmap_mode="r+")
 
 
 def _process(task: tuple[int, Path]):
-    """Decode one file; never raises for a bad file, returns its reason instead."""
+    """Decode one file into its row of the output; never raises for a bad file, returns its reason instead."""
     position, path = task
+    pixels = _settings["pixels"]
     data = path.read_bytes()
     sha256 = hashlib.sha256(data).hexdigest()
     try:
-        decoded = decode_image(data, **_settings)
+        decoded = decode_image(data, **{key: value for key, value in _settings.items() if key != "pixels"})
     except BadImage as reason:
-        return position, None, str(reason), sha256, "", 0, 0, ""
-    return (position, decoded.pixels, "", sha256, decoded.pixel_hash,
+        return position, str(reason), sha256, "", 0, 0, ""
+    pixels[position] = decoded.pixels
+    return (position, "", sha256, decoded.pixel_hash,
             decoded.original_width, decoded.original_height, decoded.original_mode)
 
 
@@ -99,12 +104,11 @@ def main() -> None:
 
     with atomic_path(IMAGES_FILE) as all_rows_file:
         pixels = np.lib.format.open_memmap(all_rows_file, mode="w+", dtype=np.uint8, shape=shape)
+        pixels.flush()
         started = time.perf_counter()
-        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
-            results = pool.imap_unordered(_process, tasks, chunksize=8)
-            for position, array, *detail in tqdm(results, total=len(tasks), desc="resize", unit="img", mininterval=2):
-                if array is not None:
-                    pixels[position] = array
+        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(settings, all_rows_file)) as pool:
+            results = pool.imap_unordered(_process, tasks, chunksize=16)
+            for position, *detail in tqdm(results, total=len(tasks), desc="resize", unit="img", mininterval=2):
                 details[position] = detail
         decode_seconds = time.perf_counter() - started
         files[["reason", "sha256", "pixel_hash", "width", "height", "mode"]] = pd.DataFrame(details)

@@ -157,6 +157,9 @@ def data_rows(workdir: Path) -> list[dict]:
 
 
 def noop_rows(workdir: Path) -> list[dict]:
+    # The sections ran the stage scripts directly: record their outputs in dvc.lock instead of
+    # training again, run whatever stage is still missing, then time a repro with nothing to do.
+    run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], workdir)
     run([sys.executable, "-m", "dvc", "repro"], workdir)
     noop = median_time([sys.executable, "-m", "dvc", "repro"], workdir)
     return [{"benchmark": "no-op `dvc repro` (default pipeline, all up to date)", "value": f"{noop:.2f} s",

@@ -7,7 +7,6 @@ Every failure is a `BadImage` whose message says what is wrong with the file.
 
 import hashlib
 import io
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -61,20 +60,6 @@ def _fit_square(image: Image.Image, size: int, aspect: str, background: tuple[in
     raise ValueError(f"aspect must be one of {ASPECT_POLICIES}, got {aspect!r}")
 
 
-def _draft_size(width: int, height: int, size: int, aspect: str) -> tuple[int, int]:
-    """The smallest decoded size that still has `size` pixels wherever the square output needs them.
-
-    A letterboxed photo only needs its long side at `size`, a cropped one its
-    short side; asking for (size, size) regardless would keep most non-square
-    JPEGs from being decoded at reduced scale.
-    """
-    if aspect == "stretch":
-        return min(width, size), min(height, size)
-    side = max(width, height) if aspect == "pad" else min(width, height)
-    scale = min(1.0, size / max(side, 1))
-    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
-
-
 def decode_image(
     source,
     size: int,
@@ -101,7 +86,7 @@ def decode_image(
                 mode = image.mode
                 # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT
                 # coefficients, never smaller than asked: most of resize's speed comes from here.
-                image.draft(None, _draft_size(width, height, size, aspect))
+                image.draft(None, (size, size))
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 rgb = _to_8bit_rgb(image, background)
