@@ -98,7 +98,7 @@ def limit_per_class(raw: Path, limit: int, seed: int) -> None:
     """Keep a seeded random subset of `limit` files in every class folder (in every split folder)."""
     if limit == 0:
         return
-    for _, class_name, folder in class_folders(raw):
+    for _, _, folder in class_folders(raw):
         files = image_files(folder)
         rng = np.random.default_rng([seed, len(files)])
         for index in sorted(rng.permutation(len(files))[limit:]):
