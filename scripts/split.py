@@ -86,7 +86,8 @@ def _write_holdout(rows: pd.DataFrame) -> None:
 
 def main() -> None:
     params = load_params()
-    index = pd.read_csv(require(INDEX_FILE, "resize"), keep_default_na=False)
+    # Class names and paths stay text even when they look like numbers (digits' classes are "0".."9").
+    index = pd.read_csv(require(INDEX_FILE, "resize"), keep_default_na=False, dtype={"label": str, "path": str})
     index["group"] = np.where(index["duplicate_group"] >= 0, index["duplicate_group"], index["id"])
     predefined = sorted(set(index["source_split"]) - {""})
     wanted = {"train": params.split.train, "val": params.split.val, "test": params.split.test}

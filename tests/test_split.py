@@ -98,3 +98,15 @@ def test_missing_upstream_output_names_the_stage(project):
     result = project.stage("split", check=False)
     assert result.returncode == 2
     assert "data/resized/index.csv not found" in result.stderr and "dvc repro resize" in result.stderr
+
+
+def test_class_names_that_look_like_numbers_stay_names(tmp_path, project):
+    # scikit-learn's digits arrive as classes "0".."9": reading them back as numbers broke the holdout copy.
+    source = make_dataset(tmp_path / "numbered", per_class=10)
+    for folder in sorted(source.iterdir()):
+        folder.rename(source / folder.name.removeprefix("class_"))
+    project.set_params(**{"data.source": str(source)})
+    for name in ("data", "resize", "split"):
+        project.stage(name)
+    assert (project.root / "data/split/classes.txt").read_text() == "0\n1\n2\n"
+    assert sorted(path.name for path in (project.root / "data/holdout").iterdir()) == ["0", "1", "2"]

@@ -96,7 +96,8 @@ def load_class_names() -> list[str]:
 
 
 def load_manifest() -> pd.DataFrame:
-    return pd.read_csv(require(MANIFEST_FILE, "split"), keep_default_na=False)
+    # Class names stay text even when they look like numbers (digits' classes are "0".."9").
+    return pd.read_csv(require(MANIFEST_FILE, "split"), keep_default_na=False, dtype={"label": str, "path": str})
 
 
 def load_images() -> np.ndarray:
