@@ -13,15 +13,15 @@ Model loading and start-up are not timed; each measurement starts after a warm-u
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from serving import free_port, running_server
 
 MODEL_NAMES = ("cnn", "transfer")
 BATCH_SIZE = 32
@@ -61,12 +61,6 @@ def throughput(workdir: Path, model_file: str, batch_size: int, limit: int) -> d
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _percentiles(latencies: list[float]) -> tuple[float, float]:
     return float(np.percentile(latencies, 50) * 1000), float(np.percentile(latencies, 95) * 1000)
 
@@ -75,47 +69,28 @@ def latency(workdir: Path, model_file: str, photo: bytes) -> dict:
     """p50/p95 of POST /predict with 1 client, then with CLIENTS concurrent clients."""
     import requests
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen([sys.executable, "scripts/serve.py", "--port", str(port), "--model", model_file],
-                                  cwd=workdir, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"the server did not start:\n{log.read().decode()[-3000:]}")
-                try:
-                    if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.3)
+    port = free_port()
+    with running_server(["scripts/serve.py", "--port", str(port), "--model", model_file], port, cwd=workdir,
+                        env=_env()) as server:
 
-            def client(requests_to_send: int) -> list[float]:
-                timings = []
-                with requests.Session() as session:
-                    for _ in range(requests_to_send):
-                        start = time.perf_counter()
-                        response = session.post(f"{url}/predict", files={"file": ("photo.jpg", photo)}, timeout=120)
-                        timings.append(time.perf_counter() - start)
-                        if response.status_code != 200:
-                            raise RuntimeError(f"/predict answered {response.status_code}: {response.text}")
-                return timings
+        def client(requests_to_send: int) -> list[float]:
+            timings = []
+            with requests.Session() as session:
+                for _ in range(requests_to_send):
+                    start = time.perf_counter()
+                    response = session.post(f"{server.url}/predict", files={"file": ("photo.jpg", photo)},
+                                            timeout=120)
+                    timings.append(time.perf_counter() - start)
+                    if response.status_code != 200:
+                        raise RuntimeError(f"/predict answered {response.status_code}: {response.text}")
+            return timings
 
-            client(5)  # warm-up
-            serial = client(SERIAL_REQUESTS)
-            start = time.perf_counter()
-            with ThreadPoolExecutor(CLIENTS) as executor:
-                concurrent = [t for timings in executor.map(client, [REQUESTS_PER_CLIENT] * CLIENTS) for t in timings]
-            concurrent_seconds = time.perf_counter() - start
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        client(5)  # warm-up
+        serial = client(SERIAL_REQUESTS)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(CLIENTS) as executor:
+            concurrent = [t for timings in executor.map(client, [REQUESTS_PER_CLIENT] * CLIENTS) for t in timings]
+        concurrent_seconds = time.perf_counter() - start
     return {"serial": _percentiles(serial), "concurrent": _percentiles(concurrent),
             "serial_rate": len(serial) / sum(serial), "concurrent_rate": len(concurrent) / concurrent_seconds}
 

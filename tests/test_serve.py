@@ -2,11 +2,7 @@
 
 import io
 import shutil
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,18 +13,13 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, make_dataset, stage_env
+from serving import free_port, running_server
 from tiny_model import train_on_folder
 
 MAX_UPLOAD_BYTES = 200_000
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def header_only_png(width: int, height: int) -> bytes:
@@ -41,9 +32,8 @@ def header_only_png(width: int, height: int) -> bytes:
 
 
 class Server:
-    def __init__(self, root, port, process, model):
-        self.root, self.port, self.process, self.model = root, port, process, model
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, root, running, model):
+        self.root, self.url, self.process, self.model = root, running.url, running.process, model
 
     def predict(self, data: bytes, filename: str = "photo.png", **options) -> requests.Response:
         return requests.post(f"{self.url}/predict", files={"file": (filename, data)}, timeout=60, **options)
@@ -60,32 +50,9 @@ def server(tmp_path_factory):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     train_on_folder(root, make_dataset(root / "dataset", classes=3, per_class=10, size=32))
     port = free_port()
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve.py")], cwd=root,
-                               env={**stage_env(), "PORT": str(port)}, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(root, port, process, keras.saving.load_model(root / "models" / "cnn.keras"))
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"the server exited ({process.returncode}):\n{(root / 'server.log').read_text()}")
-            try:
-                if requests.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the server did not start:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.3)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    with running_server([str(REPO / "scripts" / "serve.py")], port, cwd=root,
+                        env={**stage_env(), "PORT": str(port)}, startup_seconds=120) as running:
+        yield Server(root, running, keras.saving.load_model(root / "models" / "cnn.keras"))
 
 
 @pytest.fixture(scope="module")
