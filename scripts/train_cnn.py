@@ -23,7 +23,7 @@ def main() -> None:
     import keras
 
     from imgcls import training
-    from imgcls.cnn import build_cnn
+    from imgcls.cnn import build_cnn, with_mirror_averaging
 
     training.seed_everything(params.seed)
     training.set_precision(section.mixed_precision)
@@ -33,7 +33,7 @@ def main() -> None:
                                   seed=params.seed, class_weights=weights)
     val = training.ImageBatches(val_pixels, val_labels, num_classes, batch_size=max(section.batch_size, 64))
 
-    model = build_cnn(num_classes, params.resize.image_size, section, params.seed)
+    model = build_cnn(num_classes, params.resize.image_size, section, params.seed, train_images=train_pixels)
     optimizer = training.build_optimizer(section.optimizer, section.learning_rate, section.schedule, section.epochs,
                                          len(train), section.warmup_epochs, section.weight_decay)
     training.compile_classifier(model, optimizer, section.label_smoothing, section.jit_compile)
@@ -47,12 +47,20 @@ def main() -> None:
     best.restore(model)
     log.finish()
 
-    card = training.model_card(NAME, class_names, params.resize, best.best_logs["val_accuracy"],
-                               input_size=section.input_size, best_epoch=best.best_epoch)
+    trained, val_accuracy = model, best.best_logs["val_accuracy"]
+    if section.test_time_flip:
+        # Training is unchanged; the saved model also looks at each photo's mirror image.
+        # (An uncompiled copy: a compiled model nested in the saved one would drag its optimizer along.)
+        model = with_mirror_averaging(training.uncompiled_copy(trained))
+        val_accuracy = float((model.predict(val, verbose=0).argmax(axis=1) == val_labels).mean())
+        print(f"train_cnn: validation accuracy {best.best_logs['val_accuracy']:.4f}, {val_accuracy:.4f} averaged"
+              " with mirror images")
+    card = training.model_card(NAME, class_names, params.resize, val_accuracy, input_size=section.input_size,
+                               best_epoch=best.best_epoch, test_time_flip=section.test_time_flip)
     training.save_trained_model(model, NAME, card)
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
                                               images_seen=best.epochs_seen * len(train_labels),
-                                              parameters=int(model.count_params()))
+                                              parameters=int(trained.count_params()))
     print(f"train_cnn: best {section.monitor} {best.best_value:.4f} at epoch {best.best_epoch}/{best.epochs_seen};"
           f" {metrics['train_seconds']:.0f} s, {metrics['images_per_second']} images/s; saved models/{NAME}.keras")
 

@@ -19,12 +19,16 @@ import yaml
 # The seeds' "conv-pool-conv-pool-dense" network, expressed in train_cnn params.
 BASELINE = {
     "input_size": 64,
+    "stem": "none",
     "filters": [32, 64],
     "convs_per_block": 1,
+    "pool_after": "last",
     "batch_norm": False,
+    "activation": "relu",
     "pooling": "flatten",
     "dense_units": [128],
     "dropout": 0.0,
+    "output_scale": 1.0,
     "augment": {"flip": "none", "rotation": 0.0, "zoom": 0.0, "translation": 0.0, "contrast": 0.0},
     "optimizer": "adam",
     "learning_rate": 0.001,

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -17,6 +16,32 @@ TINY = TINY_CNN
 
 def read_json(path):
     return json.loads(path.read_text())
+
+
+# Loads models/cnn.keras the way later stages do (safe_mode) in a fresh process and describes it.
+INSPECT_SAVED_CNN = """
+import json, sys, numpy as np
+sys.path.insert(0, "scripts")
+from imgcls.modelio import load_model
+from imgcls.dataset import load_split
+model, card = load_model("models/cnn.keras")
+pixels, labels, _ = load_split("val")
+probabilities = model.predict(pixels.astype("float32"), verbose=0)
+# With test_time_flip the trained network is nested in a model that also feeds it the mirror images.
+network = next((layer for layer in model.layers if layer.name == "cnn"), model)
+whiten = next((layer for layer in network.layers if layer.name == "whiten"), None)
+print(json.dumps({"outer_layers": [layer.name for layer in model.layers],
+                  "layers": [layer.name for layer in network.layers],
+                  "accuracy": float(np.mean(probabilities.argmax(1) == labels)),
+                  "probability_sum": float(probabilities.sum(1).mean()),
+                  "whiten_trainable": whiten and whiten.trainable, "whiten_filters": whiten and whiten.filters}))
+"""
+
+
+def inspect_saved_cnn(root) -> dict:
+    result = subprocess.run([sys.executable, "-c", INSPECT_SAVED_CNN], cwd=root, env=stage_env(),
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 # --- imgcls.training -------------------------------------------------------------------------------------------
@@ -97,7 +122,8 @@ def test_the_seeds_baseline_is_expressible_in_params():
     from imgcls.params import TrainCnnParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
-    params.update(input_size=64, filters=[32, 64], convs_per_block=1, batch_norm=False, pooling="flatten",
+    params.update(input_size=64, stem="none", filters=[32, 64], convs_per_block=1, pool_after="last", batch_norm=False,
+                  activation="relu", pooling="flatten", output_scale=1.0,
                   dense_units=[128], dropout=0.0, optimizer="adam", learning_rate=0.001, schedule="constant",
                   weight_decay=0.0, label_smoothing=0.0, class_weight="none",
                   augment=dict(flip="none", rotation=0, zoom=0, translation=0, contrast=0))
@@ -134,25 +160,70 @@ def test_train_cnn_keeps_the_best_epoch_writes_curves_and_is_reproducible(prepar
     assert not list((root / "models").glob(".*tmp*"))  # atomic writes leave no temporary file
 
     # The saved model follows the contract: loads safely, pixels 0..255 in, probabilities out.
-    loaded = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent("""
-            import sys, numpy as np
-            sys.path.insert(0, "scripts")
-            from imgcls.modelio import load_model
-            from imgcls.dataset import load_split
-            model, card = load_model("models/cnn.keras")
-            pixels, labels, _ = load_split("val")
-            probabilities = model.predict(pixels.astype("float32"), verbose=0)
-            print(float(np.mean(probabilities.argmax(1) == labels)), float(probabilities.sum(1).mean()))
-        """)], cwd=root, env=stage_env(), capture_output=True, text=True, check=True)
-    accuracy, total = map(float, loaded.stdout.split())
-    assert accuracy == pytest.approx(card["val_accuracy"], abs=1e-6) and total == pytest.approx(1.0, abs=1e-4)
+    saved = inspect_saved_cnn(root)
+    assert saved["accuracy"] == pytest.approx(card["val_accuracy"], abs=1e-6)
+    assert saved["probability_sum"] == pytest.approx(1.0, abs=1e-4)
 
     # Same params and data on CPU: the same numbers again.
     first = [line.split(",")[:6] for line in history]
     prepared.stage("train_cnn")
     second = [line.split(",")[:6] for line in (root / "reports/cnn/history.csv").read_text().splitlines()]
     assert second == first
+
+
+def test_the_whitening_stem_decorrelates_image_patches():
+    from imgcls.cnn import whitening_filters
+
+    rng = np.random.default_rng(0)
+    # Blocky images: neighbouring pixels and the three channels are strongly correlated.
+    blocks = np.repeat(np.repeat(rng.random((50, 8, 8, 1)), 4, axis=1), 4, axis=2)
+    images = blocks * np.array([1.0, 0.8, 0.6]) + 0.2 * rng.random((50, 32, 32, 3))
+    kernel, bias = whitening_filters(images)
+    assert kernel.shape == (2, 2, 3, 24) and bias.shape == (24,)
+
+    patches = np.stack([images[:, row:31 + row, column:31 + column, :] for row in (0, 1) for column in (0, 1)],
+                       axis=3).reshape(-1, 12)
+    outputs = patches @ kernel.reshape(12, 24) + bias
+    np.testing.assert_allclose(outputs[:, 12:], -outputs[:, :12], atol=1e-4)  # both signs of every direction
+    whitened = outputs[:, :12]
+    covariance = np.cov(whitened, rowvar=False)
+    assert np.abs(whitened.mean(axis=0)).max() < 1e-3
+    assert np.abs(covariance - np.diag(np.diag(covariance))).max() < 1e-3  # decorrelated
+    # Unit variance in every direction, a little less where the patch variance is near epsilon.
+    assert 0.8 < np.diag(covariance).min() and np.diag(covariance).max() < 1.0 + 1e-3
+    assert np.corrcoef(patches, rowvar=False).min() > 0.5  # while the raw pixels were correlated
+
+
+def test_mirror_averaging_averages_the_image_and_its_mirror_image():
+    import keras
+
+    from imgcls.cnn import with_mirror_averaging
+
+    inputs = keras.Input((8, 8, 3))
+    outputs = keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs)))
+    model = keras.Model(inputs, outputs, name="cnn")
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3)).astype("float32")
+    expected = (model.predict(pixels, verbose=0) + model.predict(pixels[:, :, ::-1], verbose=0)) / 2
+    np.testing.assert_allclose(with_mirror_averaging(model).predict(pixels, verbose=0), expected, atol=1e-6)
+
+
+def test_the_fast_cnn_options_train_and_load_safely(prepared):
+    prepared.set_params(**{**TINY, "train_cnn.epochs": 2, "train_cnn.stem": "whiten", "train_cnn.convs_per_block": 2,
+                           "train_cnn.pool_after": "first", "train_cnn.activation": "gelu",
+                           "train_cnn.pooling": "global_max", "train_cnn.output_scale": 0.125,
+                           "train_cnn.test_time_flip": True})
+    prepared.stage("train_cnn")
+    result = inspect_saved_cnn(prepared.root)
+    assert result["whiten_trainable"] is False and result["whiten_filters"] == 24
+    layers = result["layers"]
+    # Each block pools right after its first convolution; the scaled logits feed the softmax.
+    assert layers.index("block1_pool") == layers.index("block1_gelu1") + 1 < layers.index("block1_conv2")
+    assert "pool" in layers and layers[-3:] == ["logits", "logit_scale", "probabilities"]
+    # The saved model averages the network's predictions for each image and its mirror image.
+    assert result["outer_layers"] == ["pixels", "columns_last", "mirror_columns", "columns_back", "cnn",
+                                      "mean_probabilities"]
+    assert read_json(prepared.root / "models/cnn.json")["test_time_flip"] is True
+    assert result["accuracy"] == pytest.approx(read_json(prepared.root / "models/cnn.json")["val_accuracy"], abs=1e-6)
 
 
 def test_train_cnn_runs_on_jax_without_tensorflow(prepared):
@@ -233,7 +304,7 @@ def test_the_cifar10_preset_prints_valid_params_overrides():
     result = subprocess.run([sys.executable, "scripts/preset.py", "cifar10"], cwd=REPO, capture_output=True,
                             text=True, check=True)
     arguments = result.stdout.split()
-    assert arguments[:2] == ["-S", "data.source=cifar10"] and "train_cnn.filters=[64,128,256]" in arguments
+    assert arguments[:2] == ["-S", "data.source=cifar10"] and "train_cnn.filters=[48,192,192]" in arguments
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for setting in arguments[1::2]:
         key, _, value = setting.partition("=")

@@ -1,51 +1,155 @@
 """The CNN trained from scratch, built from the train_cnn section of params.yaml.
 
-VGG-style: blocks of 3x3 convolutions (each optionally followed by batch
-normalisation) ending in 2x2 max pooling, then global average pooling or
-flatten, optional hidden dense layers, and a softmax. The seeds' baseline
-"conv-pool-conv-pool-dense" is filters [32, 64], one convolution per block,
-no batch norm, flatten, dense_units [128].
+VGG-style: an optional whitening stem, blocks of 3x3 convolutions (each
+optionally followed by batch normalisation) with one 2x2 max pooling per
+block, then global pooling or flatten, optional hidden dense layers, and a
+softmax. The seeds' baseline "conv-pool-conv-pool-dense" is filters [32, 64],
+one convolution per block, no batch norm, flatten, dense_units [128].
+
+Two options make small, fast nets train in few epochs (ideas from the fast
+CIFAR-10 training literature, e.g. Page's ResNet-9 and Jordan's airbench):
+- stem "whiten": a frozen 2x2 convolution whose filters decorrelate the
+  pixels of each 2x2 patch, computed from the training images. The first
+  block then starts from inputs of equal variance in every direction, which
+  plain SGD otherwise spends epochs learning.
+- pool_after "first": each block pools right after its first convolution, so
+  its other convolutions run at a quarter of the pixels.
 """
 
 import keras
+import numpy as np
 
 from imgcls.training import augmentation
 
+WHITEN_KERNEL = 2
+WHITEN_SAMPLE_IMAGES = 5000  # enough for a stable 12x12 covariance; a fixed number keeps it cheap and seeded
+CHUNK_IMAGES = 256  # images per step of the whitening statistics, which bounds their memory for large images
 
-def build_cnn(num_classes: int, image_size: int, section, seed: int) -> keras.Model:
-    """A keras.Model taking (image_size, image_size, 3) pixels in 0..255 and returning class probabilities."""
+
+def build_cnn(num_classes: int, image_size: int, section, seed: int, train_images: np.ndarray | None = None
+              ) -> keras.Model:
+    """A keras.Model taking (image_size, image_size, 3) pixels in 0..255 and returning class probabilities.
+
+    `train_images` (uint8, N x image_size x image_size x 3) is needed only by
+    the whitening stem, whose filters come from their patch statistics.
+    """
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     x = inputs
+    resize = None
     if section.input_size != image_size:
         # Resizing first makes augmentation and every convolution work on the smaller image;
         # antialiasing keeps fine texture from aliasing when shrinking by 2x or more.
-        x = keras.layers.Resizing(section.input_size, section.input_size, antialias=True, name="resize")(x)
+        resize = keras.layers.Resizing(section.input_size, section.input_size, antialias=True, name="resize")
+        x = resize(x)
     augment = augmentation(section.augment, seed)
     if any(not isinstance(layer, keras.layers.Identity) for layer in augment.layers):
         x = augment(x)
     x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
     size = section.input_size
+    if section.stem == "whiten":
+        if train_images is None:
+            raise ValueError("the whitening stem needs the training images to compute its filters")
+        x = _whitening_stem(x, _sample(train_images, seed), resize, section.activation)
+        size -= WHITEN_KERNEL - 1
     for block, filters in enumerate(section.filters, start=1):
         for number in range(1, section.convs_per_block + 1):
-            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not section.batch_norm,
-                                    kernel_initializer="he_normal", name=f"block{block}_conv{number}")(x)
-            if section.batch_norm:
-                # momentum 0.9 (not 0.99): running statistics must settle within a short training.
-                x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{block}_norm{number}")(x)
-            x = keras.layers.Activation("relu", name=f"block{block}_relu{number}")(x)
-        if size >= 2:  # a block on a 1x1 map cannot pool further
-            x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
-            size //= 2
+            x = _convolution(x, filters, section, f"block{block}_", number)
+            pools_here = number == (1 if section.pool_after == "first" else section.convs_per_block)
+            if pools_here and size >= 2:  # a block on a 1x1 map cannot pool further
+                x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+                size //= 2
     if section.pooling == "global_average":
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    elif section.pooling == "global_max":
+        x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
     else:
         x = keras.layers.Flatten(name="flatten")(x)
     for number, units in enumerate(section.dense_units, start=1):
         if section.dropout > 0:
             x = keras.layers.Dropout(section.dropout, seed=seed + 10 + number, name=f"dropout{number}")(x)
-        x = keras.layers.Dense(units, activation="relu", name=f"dense{number}")(x)
+        x = keras.layers.Dense(units, activation=section.activation, name=f"dense{number}")(x)
     if section.dropout > 0:
         x = keras.layers.Dropout(section.dropout, seed=seed + 10, name="dropout")(x)
     # float32 output keeps probabilities precise under mixed precision.
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    if section.output_scale == 1:
+        outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    else:
+        # Scaled-down logits slow the last layer relative to the batch-normalised ones below it,
+        # so the whole net can train at a high learning rate without the softmax saturating early.
+        x = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+        x = keras.layers.Rescaling(section.output_scale, dtype="float32", name="logit_scale")(x)
+        outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="cnn")
+
+
+def with_mirror_averaging(model: keras.Model) -> keras.Model:
+    """`model` whose prediction is the mean of its predictions for the image and its left-right mirror image.
+
+    The mirror is a fixed permutation of the columns, written as a frozen Dense
+    layer over the width axis (Permute brings that axis last and back): plain
+    Keras layers, so the saved model still loads in safe_mode, runs on every
+    backend and exports to TFLite.
+    """
+    height, width, channels = model.input_shape[1:]
+    inputs = keras.Input((height, width, channels), name="pixels")
+    columns_last = keras.layers.Permute((1, 3, 2), dtype="float32", name="columns_last")(inputs)
+    mirror = keras.layers.Dense(width, use_bias=False, trainable=False, dtype="float32", name="mirror_columns")
+    mirrored = keras.layers.Permute((1, 3, 2), dtype="float32", name="columns_back")(mirror(columns_last))
+    mirror.set_weights([np.eye(width, dtype="float32")[::-1]])
+    outputs = keras.layers.Average(dtype="float32", name="mean_probabilities")([model(inputs), model(mirrored)])
+    return keras.Model(inputs, outputs, name=f"{model.name}_with_mirror")
+
+
+def _convolution(x, filters: int, section, prefix: str, number: int):
+    """3x3 convolution, optional batch normalisation, activation."""
+    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not section.batch_norm,
+                            kernel_initializer="he_normal", name=f"{prefix}conv{number}")(x)
+    if section.batch_norm:
+        # momentum 0.9 (not 0.99): running statistics must settle within a short training.
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"{prefix}norm{number}")(x)
+    return keras.layers.Activation(section.activation, name=f"{prefix}{section.activation}{number}")(x)
+
+
+def _whitening_stem(x, sample: np.ndarray, resize, activation: str):
+    """The frozen whitening convolution, its filters computed from `sample` (uint8 images) as the model sees them."""
+    if resize is not None:
+        sample = np.concatenate([keras.ops.convert_to_numpy(resize(chunk.astype("float32")))
+                                 for chunk in np.array_split(sample, -(-len(sample) // CHUNK_IMAGES))])
+    kernel, bias = whitening_filters(sample / 255.0)
+    stem = keras.layers.Conv2D(kernel.shape[-1], WHITEN_KERNEL, padding="valid", trainable=False, name="whiten")
+    x = stem(x)
+    stem.set_weights([kernel, bias])
+    return keras.layers.Activation(activation, name="whiten_activation")(x)
+
+
+def _sample(images: np.ndarray, seed: int) -> np.ndarray:
+    if len(images) <= WHITEN_SAMPLE_IMAGES:
+        return np.asarray(images)
+    picked = np.sort(np.random.default_rng(seed).choice(len(images), WHITEN_SAMPLE_IMAGES, replace=False))
+    return np.asarray(images[picked])
+
+
+def whitening_filters(images: np.ndarray, epsilon: float = 5e-4) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel (k, k, 3, 2*3*k*k) and bias of a convolution that whitens k x k patches of `images` (0..1).
+
+    Each filter projects a centred patch onto one eigenvector of the patch
+    covariance, divided by the square root of its eigenvalue, so every output
+    has unit variance and no two correlate. The negated filters follow, so a
+    ReLU or GELU after the stem keeps both signs of each direction.
+    """
+    k = WHITEN_KERNEL
+    height, width = images.shape[1:3]
+    count, total, products = 0, np.zeros(k * k * 3), np.zeros((k * k * 3, k * k * 3))
+    for start in range(0, len(images), CHUNK_IMAGES):
+        chunk = np.asarray(images[start:start + CHUNK_IMAGES], dtype=np.float64)
+        patches = np.stack([chunk[:, row:height - k + 1 + row, column:width - k + 1 + column, :]
+                            for row in range(k) for column in range(k)], axis=3)  # N, H', W', k*k, 3
+        patches = patches.reshape(-1, k * k * 3)  # (row, column, channel) order, as a Conv2D kernel
+        count, total, products = count + len(patches), total + patches.sum(axis=0), products + patches.T @ patches
+    mean = total / count
+    covariance = (products - count * np.outer(mean, mean)) / (count - 1)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    projections = eigenvectors / np.sqrt(eigenvalues + epsilon)  # columns: whitened directions
+    kernel = np.concatenate([projections, -projections], axis=1)
+    bias = -mean @ kernel
+    return kernel.reshape(k, k, 3, -1).astype(np.float32), bias.astype(np.float32)

@@ -76,12 +76,17 @@ class AugmentParams(Section):
 
 class TrainCnnParams(Section):
     input_size: int = Field(ge=8, le=1024)
+    stem: Literal["none", "whiten"]
     filters: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
     convs_per_block: int = Field(ge=1, le=8)
+    pool_after: Literal["first", "last"]
     batch_norm: bool
-    pooling: Literal["global_average", "flatten"]
+    activation: Literal["relu", "gelu"]
+    pooling: Literal["global_average", "global_max", "flatten"]
     dense_units: list[Annotated[int, Field(ge=1)]]
     dropout: float = Field(ge=0, lt=1)
+    output_scale: float = Field(gt=0, le=1)
+    test_time_flip: bool
     augment: AugmentParams
     optimizer: Literal["adam", "sgd"]
     learning_rate: float = Field(gt=0, le=10)
@@ -94,7 +99,7 @@ class TrainCnnParams(Section):
     patience: int = Field(ge=0)
     class_weight: Literal["none", "balanced"]
     monitor: Literal["val_accuracy", "val_loss"]
-    mixed_precision: bool
+    mixed_precision: Literal["none", "float16", "bfloat16"]
     jit_compile: bool
 
     @model_validator(mode="after")

@@ -229,12 +229,15 @@ def compile_classifier(model: keras.Model, optimizer, label_smoothing: float = 0
     )
 
 
-def set_precision(mixed_precision: bool) -> None:
-    """Use float16 compute with float32 weights (GPU) or plain float32; call before building the model.
+def set_precision(mixed_precision: str) -> None:
+    """Compute in float16 or bfloat16 with float32 weights, or plainly in float32 ("none").
 
-    The softmax output layer should say dtype="float32" so probabilities stay precise.
+    Call it before building the model. The softmax output layer should say
+    dtype="float32" so probabilities stay precise.
     """
-    keras.config.set_dtype_policy("mixed_float16" if mixed_precision else "float32")
+    if mixed_precision not in ("none", "float16", "bfloat16"):
+        raise ValueError(f"mixed_precision must be none, float16 or bfloat16, got {mixed_precision!r}")
+    keras.config.set_dtype_policy("float32" if mixed_precision == "none" else f"mixed_{mixed_precision}")
 
 
 class KeepBest(keras.callbacks.Callback):
@@ -410,6 +413,14 @@ def model_card(name: str, class_names: list[str], resize_section, val_accuracy: 
     }
 
 
+def uncompiled_copy(model: keras.Model) -> keras.Model:
+    """The same architecture and weights, with no optimizer, loss or learning-rate schedule attached."""
+    # from_config (unlike clone_model) carries no compile settings over.
+    clone = model.__class__.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def save_trained_model(model: keras.Model, name: str, card: dict) -> None:
     """Save models/<name>.keras (+ card) atomically, without optimizer state.
 
@@ -419,10 +430,7 @@ def save_trained_model(model: keras.Model, name: str, card: dict) -> None:
     """
     from imgcls.modelio import save_model
 
-    # from_config (unlike clone_model) carries no compile settings over.
-    clone = model.__class__.from_config(model.get_config())
-    clone.set_weights(model.get_weights())
-    save_model(clone, name, card)
+    save_model(uncompiled_copy(model), name, card)
 
 
 def write_training_metrics(path: Path | str, best: KeepBest, seconds: float, images_seen: int, **extra) -> dict:
