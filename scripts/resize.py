@@ -34,27 +34,28 @@ from imgcls.images import BadImage, decode_image
 from imgcls.params import load_params
 
 REPORT_DIR = REPORTS_DIR / "resize"
-_settings = {}  # set once per worker process by _init_worker
+# Set once per worker process by _init_worker: decode_image's keyword arguments, and the output array.
+_settings = {}
+_output = {}
 
 
 def _init_worker(settings: dict, output: Path) -> None:
     _settings.update(settings)
     # Each worker writes its rows straight into the memory-mapped output: only a
     # few bytes of metadata per image travel back to the main process.
-    _settings["pixels"] = np.load(output, mmap_mode="r+")
+    _output["pixels"] = np.load(output, mmap_mode="r+")
 
 
 def _process(task: tuple[int, Path]):
     """Decode one file into its row of the output; never raises for a bad file, returns its reason instead."""
     position, path = task
-    pixels = _settings["pixels"]
     data = path.read_bytes()
     sha256 = hashlib.sha256(data).hexdigest()
     try:
-        decoded = decode_image(data, **{key: value for key, value in _settings.items() if key != "pixels"})
+        decoded = decode_image(data, **_settings)
     except BadImage as reason:
         return position, str(reason), sha256, "", 0, 0, ""
-    pixels[position] = decoded.pixels
+    _output["pixels"][position] = decoded.pixels
     return (position, "", sha256, decoded.pixel_hash,
             decoded.original_width, decoded.original_height, decoded.original_mode)
 
