@@ -23,7 +23,7 @@ def main() -> None:
     import keras
 
     from imgcls import training
-    from imgcls.cnn import build_cnn, with_mirror_averaging
+    from imgcls.cnn import build_cnn, with_test_time_augmentation
 
     training.seed_everything(params.seed)
     training.set_precision(section.mixed_precision)
@@ -48,15 +48,17 @@ def main() -> None:
     log.finish()
 
     trained, val_accuracy = model, best.best_logs["val_accuracy"]
-    if section.test_time_flip:
-        # Training is unchanged; the saved model also looks at each photo's mirror image.
+    if section.test_time_flip or section.test_time_shift:
+        # Training is unchanged; the saved model also looks at each photo's mirror image and/or shifted copies.
         # (An uncompiled copy: a compiled model nested in the saved one would drag its optimizer along.)
-        model = with_mirror_averaging(training.uncompiled_copy(trained))
+        model = with_test_time_augmentation(training.uncompiled_copy(trained), section.test_time_flip,
+                                            section.test_time_shift)
         val_accuracy = float((model.predict(val, verbose=0).argmax(axis=1) == val_labels).mean())
         print(f"train_cnn: validation accuracy {best.best_logs['val_accuracy']:.4f}, {val_accuracy:.4f} averaged"
-              " with mirror images")
+              " over the test-time versions of each image")
     card = training.model_card(NAME, class_names, params.resize, val_accuracy, input_size=section.input_size,
-                               best_epoch=best.best_epoch, test_time_flip=section.test_time_flip)
+                               best_epoch=best.best_epoch, test_time_flip=section.test_time_flip,
+                               test_time_shift=section.test_time_shift)
     training.save_trained_model(model, NAME, card)
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
                                               images_seen=best.epochs_seen * len(train_labels),

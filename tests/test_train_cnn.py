@@ -27,7 +27,7 @@ from imgcls.dataset import load_split
 model, card = load_model("models/cnn.keras")
 pixels, labels, _ = load_split("val")
 probabilities = model.predict(pixels.astype("float32"), verbose=0)
-# With test_time_flip the trained network is nested in a model that also feeds it the mirror images.
+# With test-time augmentation the trained network is nested in a model that also feeds it the mirror images.
 network = next((layer for layer in model.layers if layer.name == "cnn"), model)
 whiten = next((layer for layer in network.layers if layer.name == "whiten"), None)
 print(json.dumps({"outer_layers": [layer.name for layer in model.layers],
@@ -194,24 +194,31 @@ def test_the_whitening_stem_decorrelates_image_patches():
     assert np.corrcoef(patches, rowvar=False).min() > 0.5  # while the raw pixels were correlated
 
 
-def test_mirror_averaging_averages_the_image_and_its_mirror_image():
+@pytest.mark.parametrize("flip, shift", [(True, False), (False, True), (True, True)])
+def test_test_time_augmentation_averages_the_mirror_and_shifted_images(flip, shift):
     import keras
 
-    from imgcls.cnn import with_mirror_averaging
+    from imgcls.cnn import with_test_time_augmentation
 
     inputs = keras.Input((8, 8, 3))
     outputs = keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs)))
     model = keras.Model(inputs, outputs, name="cnn")
     pixels = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3)).astype("float32")
-    expected = (model.predict(pixels, verbose=0) + model.predict(pixels[:, :, ::-1], verbose=0)) / 2
-    np.testing.assert_allclose(with_mirror_averaging(model).predict(pixels, verbose=0), expected, atol=1e-6)
+    views = [pixels] + ([pixels[:, :, ::-1]] if flip else [])
+    if shift:  # moved one pixel up-left and down-right, the edge rows and columns repeated
+        padded = [np.pad(view, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge") for view in views]
+        views += [view[:, 2:, 2:] for view in padded] + [view[:, :-2, :-2] for view in padded]
+    expected = np.mean([model.predict(view, verbose=0) for view in views], axis=0)
+    augmented = with_test_time_augmentation(model, flip, shift)
+    np.testing.assert_allclose(augmented.predict(pixels, verbose=0), expected, atol=1e-6)
+    assert with_test_time_augmentation(model, flip=False, shift=False) is model
 
 
 def test_the_fast_cnn_options_train_and_load_safely(prepared):
     prepared.set_params(**{**TINY, "train_cnn.epochs": 2, "train_cnn.stem": "whiten", "train_cnn.convs_per_block": 2,
                            "train_cnn.pool_after": "first", "train_cnn.activation": "gelu",
                            "train_cnn.pooling": "global_max", "train_cnn.output_scale": 0.125,
-                           "train_cnn.test_time_flip": True})
+                           "train_cnn.test_time_flip": True, "train_cnn.test_time_shift": True})
     prepared.stage("train_cnn")
     result = inspect_saved_cnn(prepared.root)
     assert result["whiten_trainable"] is False and result["whiten_filters"] == 24
@@ -219,10 +226,12 @@ def test_the_fast_cnn_options_train_and_load_safely(prepared):
     # Each block pools right after its first convolution; the scaled logits feed the softmax.
     assert layers.index("block1_pool") == layers.index("block1_gelu1") + 1 < layers.index("block1_conv2")
     assert "pool" in layers and layers[-3:] == ["logits", "logit_scale", "probabilities"]
-    # The saved model averages the network's predictions for each image and its mirror image.
-    assert result["outer_layers"] == ["pixels", "columns_last", "mirror_columns", "columns_back", "cnn",
-                                      "mean_probabilities"]
-    assert read_json(prepared.root / "models/cnn.json")["test_time_flip"] is True
+    # The saved model averages the network's predictions for each image, its mirror image and their shifted copies.
+    outer = result["outer_layers"]
+    assert outer[0] == "pixels" and outer[-2:] == ["cnn", "mean_probabilities"]
+    assert {"mirror", "view0_up_left_columns", "view1_down_right_columns"} <= set(outer)
+    card = read_json(prepared.root / "models/cnn.json")
+    assert card["test_time_flip"] is True and card["test_time_shift"] is True
     assert result["accuracy"] == pytest.approx(read_json(prepared.root / "models/cnn.json")["val_accuracy"], abs=1e-6)
 
 

@@ -87,6 +87,7 @@ class TrainCnnParams(Section):
     dropout: float = Field(ge=0, lt=1)
     output_scale: float = Field(gt=0, le=1)
     test_time_flip: bool
+    test_time_shift: bool
     augment: AugmentParams
     optimizer: Literal["adam", "sgd"]
     learning_rate: float = Field(gt=0, le=10)
