@@ -69,6 +69,20 @@ def test_image_batches_cover_every_image_once_per_epoch_in_a_seeded_order():
     assert np.array_equal(one_epoch(again)[0], first)
 
 
+def test_image_batches_reach_the_model_in_order_through_two_worker_threads():
+    import keras
+
+    from imgcls.training import ImageBatches
+
+    # Each image holds its own index; a model that only flattens shows the order Keras delivered them in.
+    images = np.arange(60, dtype=np.uint8).reshape(60, 1, 1, 1).repeat(3, axis=3)
+    batches = ImageBatches(images, batch_size=3)
+    assert batches.workers == 2 and not batches.use_multiprocessing
+    model = keras.Sequential([keras.Input((1, 1, 3)), keras.layers.Flatten()])
+    for _ in range(2):  # a second pass reuses the enqueuer
+        assert model.predict(batches, verbose=0)[:, 0].tolist() == list(range(60))
+
+
 def test_image_batches_for_prediction_and_with_class_weights():
     from imgcls.training import ImageBatches, class_weights
 
@@ -313,7 +327,7 @@ def test_the_cifar10_preset_prints_valid_params_overrides():
     result = subprocess.run([sys.executable, "scripts/preset.py", "cifar10"], cwd=REPO, capture_output=True,
                             text=True, check=True)
     arguments = result.stdout.split()
-    assert arguments[:2] == ["-S", "data.source=cifar10"] and "train_cnn.filters=[48,192,192]" in arguments
+    assert arguments[:2] == ["-S", "data.source=cifar10"] and "train_cnn.filters=[56,224,224]" in arguments
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for setting in arguments[1::2]:
         key, _, value = setting.partition("=")
@@ -327,5 +341,6 @@ def test_the_cifar10_preset_prints_valid_params_overrides():
     touched = {setting.split(".")[0] for setting in arguments[1::2]}
     loaded = {name: Params.model_fields[name].annotation.model_validate(params[name]) for name in touched}
     assert loaded["resize"].image_size == loaded["train_cnn"].input_size == 32
+    assert loaded["train_cnn"].mixed_precision == "bfloat16"
     missing = subprocess.run([sys.executable, "scripts/preset.py", "imagenet"], cwd=REPO, capture_output=True, text=True)
     assert missing.returncode != 0 and "presets/imagenet.yaml not found: presets are cifar10" in missing.stderr

@@ -57,9 +57,12 @@ class ImageBatches(keras.utils.PyDataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None,
                  batch_size: int = 32, shuffle: bool = False, seed: int = 0, class_weights: dict | None = None):
-        # One worker, no multiprocessing: batches are cheap slices, and a single
-        # producer keeps the order (hence the metrics) reproducible.
-        super().__init__(workers=1, use_multiprocessing=False)
+        # Two threads, no processes: batches are cheap slices of arrays in memory.
+        # With more than one worker Keras fetches batches with its ordered enqueuer
+        # (same order, so the same metrics) and switches off tf.data's autotuned
+        # prefetching, which on a 2-core CPU otherwise competes with training for
+        # the cores (gear CNN epochs: 7.5 s instead of 10 s).
+        super().__init__(workers=2, use_multiprocessing=False)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if len(images) == 0:
