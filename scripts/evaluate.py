@@ -11,7 +11,7 @@ For each model in models/ (cnn, transfer: whichever exist) it writes
 import numpy as np
 import pandas as pd
 
-from imgcls.dataset import REPORTS_DIR, atomic_path, load_class_names, load_images, load_manifest, load_split, write_csv, write_json
+from imgcls.dataset import REPORTS_DIR, atomic_path, load_class_names, load_manifest, load_split, write_csv, write_json
 from imgcls.errors import UserError, run_stage
 from imgcls.modelio import MODEL_NAMES, PRODUCED_BY, model_path
 from imgcls.params import load_params
@@ -126,8 +126,8 @@ def main() -> None:
     names = [name for name in MODEL_NAMES if model_path(name).exists()]
     if not names:
         raise UserError("no trained model in models/: run `dvc repro train_cnn` (or `dvc repro` for every stage) first.")
-    pixels, labels, _ = load_split("test", load_manifest(), load_images())
-    if len(labels) == 0:
+    manifest = load_manifest()
+    if not (manifest["split"] == "test").any():
         raise UserError("the test split is empty: check the split fractions in params.yaml and run `dvc repro split`.")
 
     from imgcls.modelio import load_model
@@ -136,12 +136,14 @@ def main() -> None:
     results = {}
     for name in names:
         model, card = load_model(model_path(name))
-        expected = tuple(model.input_shape[1:3])
-        if expected != tuple(pixels.shape[1:3]):
+        # Each model reads the test photos at its own size (resize.image_size may list several).
+        size = model.input_shape[1]
+        if size not in params.resize.sizes:
             raise UserError(
-                f"models/{name}.keras takes {expected[0]}x{expected[1]} images but data/resized holds"
-                f" {pixels.shape[1]}x{pixels.shape[2]}: retrain it with `dvc repro {PRODUCED_BY[name]}`."
+                f"models/{name}.keras takes {size}x{size} images but resize.image_size is {params.resize.image_size}:"
+                f" retrain it with `dvc repro {PRODUCED_BY[name]}`."
             )
+        pixels, labels, _ = load_split("test", size, manifest)
         probabilities = model.predict(ImageBatches(pixels, batch_size=section.batch_size), verbose=0)
         metrics, per_class = score(labels, probabilities, class_names)
         predicted = probabilities.argmax(axis=1)

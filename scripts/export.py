@@ -100,12 +100,12 @@ def main() -> None:
     settings = params.export
     model_file = choose_model(settings.model)
     classifier = Classifier(model_file, batch_size=BATCH_SIZE)
-    pixels, labels, _ = load_split("test")
-    if classifier.image_size != pixels.shape[1]:
+    if classifier.image_size not in params.resize.sizes:
         raise UserError(
-            f"{model_file} takes {classifier.image_size} px images but data/resized holds {pixels.shape[1]} px:"
-            " retrain it (`dvc repro`) after changing resize.image_size."
+            f"{model_file} takes {classifier.image_size} px images but resize.image_size is"
+            f" {params.resize.image_size}: retrain it (`dvc repro`) after changing resize.image_size."
         )
+    pixels, labels, _ = load_split("test", classifier.image_size)
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints a description of every traced function
         plain_resizing = without_antialiasing(classifier.model)
         content = convert(plain_resizing or classifier.model, settings.quantization)

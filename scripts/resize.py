@@ -1,12 +1,14 @@
 """Stage `resize`: every image in data/raw as a square 8-bit RGB array.
 
-Writes data/resized/images.npy (N x size x size x 3 uint8, memory-mappable) and
-data/resized/index.csv (one row per image: id = row in images.npy, path,
+Writes data/resized/images_<size>.npy for each size in resize.image_size (N x size
+x size x 3 uint8, memory-mappable) and data/resized/index.csv (one row per
+image: id = row in each array, path,
 label, predefined split, original size and mode, sha256, duplicate group).
 Unusable files are skipped and listed with their reason; duplicates are found
 by bytes and by decoded pixels so that `split` can keep them together.
 """
 
+import contextlib
 import hashlib
 import multiprocessing
 import os
@@ -18,13 +20,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from imgcls.dataset import (
-    IMAGES_FILE,
     INDEX_FILE,
     RAW_DIR,
     REPORTS_DIR,
     atomic_path,
     class_folders,
     image_files,
+    images_file,
     require,
     write_csv,
     write_json,
@@ -34,16 +36,16 @@ from imgcls.images import BadImage, decode_image
 from imgcls.params import load_params
 
 REPORT_DIR = REPORTS_DIR / "resize"
-# Set once per worker process by _init_worker: decode_image's keyword arguments, and the output array.
+# Set once per worker process by _init_worker: decode_image's keyword arguments, and the output array of each size.
 _settings = {}
 _output = {}
 
 
-def _init_worker(settings: dict, output: Path) -> None:
+def _init_worker(settings: dict, outputs: dict[int, Path]) -> None:
     _settings.update(settings)
-    # Each worker writes its rows straight into the memory-mapped output: only a
+    # Each worker writes its rows straight into the memory-mapped outputs: only a
     # few bytes of metadata per image travel back to the main process.
-    _output["pixels"] = np.load(output, mmap_mode="r+")
+    _output.update({size: np.load(path, mmap_mode="r+") for size, path in outputs.items()})
 
 
 def _process(task: tuple[int, Path]):
@@ -51,13 +53,17 @@ def _process(task: tuple[int, Path]):
     position, path = task
     data = path.read_bytes()
     sha256 = hashlib.sha256(data).hexdigest()
+    # Each size is decoded on its own, smallest first: JPEG draft mode picks its
+    # scale from the size asked for, so an array is the same whatever other sizes
+    # are listed. The smallest size's decode gives the pixel hash.
     try:
-        decoded = decode_image(data, **_settings)
+        decoded = [decode_image(data, size=size, **_settings) for size in sorted(_output)]
     except BadImage as reason:
         return position, str(reason), sha256, "", 0, 0, ""
-    _output["pixels"][position] = decoded.pixels
-    return (position, "", sha256, decoded.pixel_hash,
-            decoded.original_width, decoded.original_height, decoded.original_mode)
+    for size, one in zip(sorted(_output), decoded):
+        _output[size][position] = one.pixels
+    first = decoded[0]
+    return position, "", sha256, first.pixel_hash, first.original_width, first.original_height, first.original_mode
 
 
 def _list_raw_files() -> pd.DataFrame:
@@ -93,21 +99,34 @@ def _duplicates_report(index: pd.DataFrame) -> pd.DataFrame:
     return members[columns].sort_values(["duplicate_group", "id"])
 
 
+def _keep_rows(path: Path, rows: np.ndarray) -> None:
+    """Rewrite the array at `path` with only `rows`, in order (the usable images), chunk by chunk."""
+    pixels = np.load(path, mmap_mode="r")
+    compact_file = path.with_name(path.name + ".compact.npy")
+    compact = np.lib.format.open_memmap(compact_file, mode="w+", dtype=np.uint8, shape=(len(rows),) + pixels.shape[1:])
+    for start in range(0, len(rows), 1024):
+        chunk = rows[start:start + 1024]
+        compact[start:start + len(chunk)] = pixels[chunk]
+    compact.flush()
+    del compact, pixels
+    os.replace(compact_file, path)
+
+
 def main() -> None:
     params = load_params().resize
     files = _list_raw_files()
     workers = params.workers or len(os.sched_getaffinity(0))
-    settings = {"size": params.image_size, "aspect": params.aspect,
-                "background": tuple(params.background), "max_pixels": params.max_pixels}
-    shape = (len(files), params.image_size, params.image_size, 3)
+    settings = {"aspect": params.aspect, "background": tuple(params.background), "max_pixels": params.max_pixels}
     tasks = [(position, RAW_DIR / path) for position, path in enumerate(files["path"])]
     details = [None] * len(files)
 
-    with atomic_path(IMAGES_FILE) as all_rows_file:
-        pixels = np.lib.format.open_memmap(all_rows_file, mode="w+", dtype=np.uint8, shape=shape)
-        pixels.flush()
+    with contextlib.ExitStack() as stack:
+        # One array per size, each written under a temporary name and moved into place only at the end.
+        outputs = {size: stack.enter_context(atomic_path(images_file(size))) for size in params.sizes}
+        for size, path in outputs.items():
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3)).flush()
         started = time.perf_counter()
-        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(settings, all_rows_file)) as pool:
+        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(settings, outputs)) as pool:
             results = pool.imap_unordered(_process, tasks, chunksize=16)
             for position, *detail in tqdm(results, total=len(tasks), desc="resize", unit="img", mininterval=2):
                 details[position] = detail
@@ -129,22 +148,9 @@ def main() -> None:
                 f" add readable images to {RAW_DIR}/<class>/ or remove the class folder."
             )
         write_csv(REPORT_DIR / "skipped.csv", skipped[["path", "label", "reason"]])
-
-        # Compact the good rows into the final array; when nothing was skipped, the file already is it.
-        if len(skipped) == 0:
-            final_file = all_rows_file
-        else:
-            final_file = all_rows_file.with_name(all_rows_file.name + ".compact.npy")
-            compact = np.lib.format.open_memmap(final_file, mode="w+", dtype=np.uint8, shape=(len(usable),) + shape[1:])
-            for start in range(0, len(usable), 1024):
-                chunk = usable.index[start:start + 1024].to_numpy()
-                compact[start:start + len(chunk)] = pixels[chunk]
-            compact.flush()
-            del compact
-        pixels.flush()
-        del pixels
-        if final_file != all_rows_file:
-            os.replace(final_file, all_rows_file)
+        if len(skipped):
+            for path in outputs.values():
+                _keep_rows(path, usable.index.to_numpy())
 
         index = usable.drop(columns=["reason"]).reset_index(drop=True)
         index.insert(0, "id", np.arange(len(index)))
@@ -165,7 +171,8 @@ def main() -> None:
     write_json(REPORT_DIR / "metrics.json", metrics)
     print(f"resize: decoded {len(files)} files in {decode_seconds:.2f} s ({len(files) / decode_seconds:.0f} files/s,"
           f" {workers} workers)")
-    print(f"resize: {metrics['images']} images at {params.image_size}px, {metrics['skipped']} skipped,"
+    sizes = " and ".join(f"{size}" for size in params.sizes)
+    print(f"resize: {metrics['images']} images at {sizes} px, {metrics['skipped']} skipped,"
           f" {metrics['duplicate_groups']} duplicate groups ({metrics['duplicate_images']} images)")
 
 

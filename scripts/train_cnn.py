@@ -17,7 +17,8 @@ REPORT_DIR = REPORTS_DIR / NAME
 def main() -> None:
     params = load_params()
     section = params.train_cnn
-    class_names, (train_pixels, train_labels), (val_pixels, val_labels) = load_training_data(params.resize.image_size)
+    image_size = params.resize.array_size(section.input_size)
+    class_names, (train_pixels, train_labels), (val_pixels, val_labels) = load_training_data(image_size)
 
     # Keras is imported only now, so a bad params.yaml fails in a fraction of a second.
     import keras
@@ -33,7 +34,7 @@ def main() -> None:
                                   seed=params.seed, class_weights=weights)
     val = training.ImageBatches(val_pixels, val_labels, num_classes, batch_size=max(section.batch_size, 64))
 
-    model = build_cnn(num_classes, params.resize.image_size, section, params.seed, train_images=train_pixels)
+    model = build_cnn(num_classes, image_size, section, params.seed, train_images=train_pixels)
     optimizer = training.build_optimizer(section.optimizer, section.learning_rate, section.schedule, section.epochs,
                                          len(train), section.warmup_epochs, section.weight_decay)
     training.compile_classifier(model, optimizer, section.label_smoothing, section.jit_compile)
@@ -56,9 +57,9 @@ def main() -> None:
         val_accuracy = float((model.predict(val, verbose=0).argmax(axis=1) == val_labels).mean())
         print(f"train_cnn: validation accuracy {best.best_logs['val_accuracy']:.4f}, {val_accuracy:.4f} averaged"
               " over the test-time versions of each image")
-    card = training.model_card(NAME, class_names, params.resize, val_accuracy, input_size=section.input_size,
-                               best_epoch=best.best_epoch, test_time_flip=section.test_time_flip,
-                               test_time_shift=section.test_time_shift)
+    card = training.model_card(NAME, class_names, params.resize, image_size, val_accuracy,
+                               input_size=section.input_size, best_epoch=best.best_epoch,
+                               test_time_flip=section.test_time_flip, test_time_shift=section.test_time_shift)
     training.save_trained_model(model, NAME, card)
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
                                               images_seen=best.epochs_seen * len(train_labels),

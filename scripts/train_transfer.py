@@ -34,7 +34,8 @@ def main() -> None:
 
     input_size = transfer.resolve_input_size(section.base, section.input_size)
     transfer.check_weights_setting(section.base, section.weights)
-    class_names, (train_pixels, train_labels), (val_pixels, val_labels) = load_training_data(params.resize.image_size)
+    image_size = params.resize.array_size(input_size)
+    class_names, (train_pixels, train_labels), (val_pixels, val_labels) = load_training_data(image_size)
 
     import keras
 
@@ -43,7 +44,6 @@ def main() -> None:
     started = time.perf_counter()
     training.seed_everything(params.seed)
     num_classes = len(class_names)
-    image_size = params.resize.image_size
     base = transfer.build_base(section.base, input_size, section.weights)
     base.trainable = False
     head = transfer.build_head(base.output_shape[-1], num_classes, section.dense_units, section.dropout)
@@ -137,7 +137,7 @@ def main() -> None:
     log.finish()
 
     seconds = time.perf_counter() - started
-    card = training.model_card(NAME, class_names, params.resize, best.best_logs["val_accuracy"],
+    card = training.model_card(NAME, class_names, params.resize, image_size, best.best_logs["val_accuracy"],
                                base=section.base, input_size=input_size, best_epoch=best.best_epoch)
     training.save_trained_model(classifier, NAME, card)
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,

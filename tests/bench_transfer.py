@@ -32,9 +32,9 @@ def _measure(workdir: Path) -> dict:
 
     params = load_params()
     section = params.train_transfer
-    image_size = params.resize.image_size
     input_size = transfer.resolve_input_size(section.base, section.input_size)
-    splits = {name: load_split(name)[:2] for name in ("train", "val", "test")}
+    image_size = params.resize.array_size(input_size)
+    splits = {name: load_split(name, image_size)[:2] for name in ("train", "val", "test")}
     num_classes = len(load_class_names())
 
     model, _ = modelio.load_model("models/transfer.keras")

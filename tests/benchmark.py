@@ -103,7 +103,7 @@ def data_rows(workdir: Path) -> list[dict]:
     # Resize at 128 px in the workdir, timed; the baseline reads the same files in this process.
     params_file = workdir / "params.yaml"
     original = params_file.read_text()
-    params_file.write_text(re.sub(r"(?m)^  image_size: \d+$", f"  image_size: {size}", original))
+    params_file.write_text(re.sub(r"(?m)^  image_size: .+$", f"  image_size: {size}", original))
     resize_time, output = run([sys.executable, "scripts/resize.py"], workdir, output=True)
     decode_time = float(re.search(r"decoded \d+ files in ([\d.]+) s", output).group(1))
     peak_kib = peak_rss_kib([sys.executable, "scripts/resize.py"], workdir)

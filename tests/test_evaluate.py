@@ -79,7 +79,7 @@ def test_a_model_trained_on_other_classes_is_refused(prepared):
     from imgcls.dataset import load_split
 
     with contextlib.chdir(prepared.root):
-        pixels, labels, _ = load_split("train")
+        pixels, labels, _ = load_split("train", 32)
     train_tiny_model(prepared.root, pixels, labels, ["boots", "helmets", "tents"], epochs=1)
     result = prepared.stage("evaluate", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -91,10 +91,10 @@ def test_a_model_for_another_image_size_is_refused(prepared):
     from imgcls.dataset import load_class_names, load_split
 
     with contextlib.chdir(prepared.root):
-        pixels, labels, _ = load_split("train")
+        pixels, labels, _ = load_split("train", 32)
         class_names = load_class_names()
     train_tiny_model(prepared.root, pixels[:, :16, :16], labels, class_names, epochs=1)
     result = prepared.stage("evaluate", check=False)
     assert result.returncode == 2
-    assert "models/cnn.keras takes 16x16 images but data/resized holds 32x32" in result.stderr
+    assert "models/cnn.keras takes 16x16 images but resize.image_size is 32" in result.stderr
     assert "dvc repro train_cnn" in result.stderr

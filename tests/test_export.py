@@ -34,7 +34,7 @@ def test_tflite_top1_agrees_with_keras_on_the_test_split(prepared):
     assert (models / "cnn.labels.txt").read_text().splitlines() == card["class_names"]
     content = (models / "cnn.tflite").read_bytes()
     with contextlib.chdir(prepared.root):
-        pixels, labels, _ = load_split("test")
+        pixels, labels, _ = load_split("test", 32)
     keras_top1 = keras.saving.load_model(models / "cnn.keras").predict(pixels.astype(np.float32), verbose=0).argmax(axis=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -32,8 +32,10 @@ def test_the_repository_params_are_valid():
     [
         ({"resize.image_sise": 64}, "resize.image_sise: unknown key"),
         ({"resize.image_size": None}, "resize.image_size: missing"),
-        ({"resize.image_size": "big"}, "resize.image_size = 'big': Input should be a valid integer"),
-        ({"resize.image_size": 4}, "resize.image_size = 4: Input should be greater than or equal to 8"),
+        ({"resize.image_size": "big"}, "resize.image_size = 'big': must be a side in pixels from 8 to 1024, or a list"),
+        ({"resize.image_size": 4}, "resize.image_size = 4: must be a side in pixels from 8 to 1024"),
+        ({"resize.image_size": [160, 4]}, "resize.image_size = [160, 4]: must be a side in pixels from 8 to 1024"),
+        ({"resize.image_size": []}, "resize.image_size = []: must be a side in pixels"),
         ({"resize.aspect": "squash"}, "resize.aspect = 'squash': Input should be 'pad', 'center_crop' or 'stretch'"),
         ({"resize.background": [300, 0, 0]}, "background must be three integers in 0..255"),
         ({"split.test": 0}, "split.test = 0: Input should be greater than 0"),

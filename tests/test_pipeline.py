@@ -1,5 +1,6 @@
 """Real `dvc repro` of the data stages in a temporary git repo."""
 
+import json
 import re
 
 from conftest import TINY_CNN, TINY_TRANSFER
@@ -36,7 +37,8 @@ def test_repro_runs_once_then_nothing_and_a_split_param_reruns_only_split(projec
 
 
 def test_the_whole_pipeline_runs_end_to_end_then_does_nothing(project):
-    project.set_params(**TINY_CNN, **TINY_TRANSFER)
+    # Two sizes of arrays: the CNN (input 24) reads the 24 px ones, the transfer model (input 32) the 32 px ones.
+    project.set_params(**TINY_CNN, **TINY_TRANSFER, **{"resize.image_size": [32, 24]})
     project.run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qam", "tiny models")
     first = project.dvc("repro")
     assert ran_stages(first.stdout) == [
@@ -47,6 +49,8 @@ def test_the_whole_pipeline_runs_end_to_end_then_does_nothing(project):
         assert key in metrics
     predictions = (project.root / "reports/predictions.csv").read_text().splitlines()
     assert len(predictions) == 1 + 3  # one held-out photo per class
+    cards = {name: json.loads((project.root / f"models/{name}.json").read_text()) for name in ("cnn", "transfer")}
+    assert (cards["cnn"]["image_size"], cards["transfer"]["image_size"]) == (24, 32)
     assert ran_stages(project.dvc("repro").stdout) == []
 
     # A later stage's param reruns that stage and what depends on its output, never the data stages.

@@ -22,7 +22,7 @@ def add_bad_files(folder):
 
 
 def test_resize_writes_one_packed_array_and_an_index(prepared):
-    images = np.load(prepared.root / "data/resized/images.npy", mmap_mode="r")
+    images = np.load(prepared.root / "data/resized/images_32.npy", mmap_mode="r")
     index = pd.read_csv(prepared.root / "data/resized/index.csv")
     assert images.shape == (36, 32, 32, 3) and images.dtype == np.uint8
     assert list(index["id"]) == list(range(36))
@@ -57,7 +57,7 @@ def test_on_error_fail_stops_and_names_the_files(project):
     assert result.returncode == 2
     assert "5 unusable file(s)" in result.stderr and "class_0/zero.jpg: empty file" in result.stderr
     assert "resize.on_error: skip" in result.stderr
-    assert not (project.root / "data/resized/images.npy").exists()
+    assert not (project.root / "data/resized/images_32.npy").exists()
 
 
 def test_a_class_with_no_usable_image_stops_with_its_name(project):
@@ -95,13 +95,24 @@ def test_byte_and_pixel_identical_duplicates_are_grouped(project):
     assert index.loc["class_0/000.png", "duplicate_group"] == index.loc["class_0/000_copy.png", "duplicate_group"] >= 0
 
 
+def test_a_list_of_sizes_writes_one_array_per_size_each_as_if_alone(project):
+    project.stage("data")
+    project.stage("resize")
+    alone = (project.root / "data/resized/images_32.npy").read_bytes()
+    project.set_params(**{"resize.image_size": [48, 32]})
+    result = project.stage("resize")
+    assert "at 32 and 48 px" in result.stdout
+    assert (project.root / "data/resized/images_32.npy").read_bytes() == alone
+    assert np.load(project.root / "data/resized/images_48.npy").shape == (36, 48, 48, 3)
+
+
 def test_resize_uses_several_workers_and_gives_the_same_bytes(project):
     project.stage("data")
     project.stage("resize")
-    single = (project.root / "data/resized/images.npy").read_bytes()
+    single = (project.root / "data/resized/images_32.npy").read_bytes()
     project.set_params(**{"resize.workers": 2})
     project.stage("resize")
-    assert (project.root / "data/resized/images.npy").read_bytes() == single
+    assert (project.root / "data/resized/images_32.npy").read_bytes() == single
 
 
 def test_missing_raw_data_names_the_stage_to_run(project):

@@ -25,7 +25,7 @@ sys.path.insert(0, "scripts")
 from imgcls.modelio import load_model
 from imgcls.dataset import load_split
 model, card = load_model("models/cnn.keras")
-pixels, labels, _ = load_split("val")
+pixels, labels, _ = load_split("val", card["image_size"])
 probabilities = model.predict(pixels.astype("float32"), verbose=0)
 # With test-time augmentation the trained network is nested in a model that also feeds it mirrored and shifted copies.
 network = next((layer for layer in model.layers if layer.name == "cnn"), model)
@@ -298,7 +298,7 @@ def test_resized_images_that_do_not_match_params_ask_for_resize(prepared):
     prepared.set_params(**TINY, **{"resize.image_size": 48})
     result = prepared.stage("train_cnn", check=False)
     assert result.returncode == 2
-    assert "32 px images but resize.image_size is 48" in result.stderr and "dvc repro resize" in result.stderr
+    assert "data/resized has no 48 px images" in result.stderr and "dvc repro resize" in result.stderr
 
 
 def test_a_training_that_never_has_finite_losses_says_to_lower_the_learning_rate():

@@ -167,7 +167,7 @@ def test_both_phases_train_and_save_a_self_contained_model(prepared):
         "from imgcls.modelio import load_model\n"
         "from imgcls.dataset import load_split\n"
         "model, card = load_model('models/transfer.keras')\n"
-        "pixels, labels, _ = load_split('val')\n"
+        "pixels, labels, _ = load_split('val', card['image_size'])\n"
         "p = model.predict(pixels.astype('float32'), verbose=0)\n"
         "print(p.shape, round(float(p.sum(axis=1).mean()), 4))\n"
     )

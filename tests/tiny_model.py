@@ -45,7 +45,7 @@ def train_on_project(root: Path, name: str = "cnn", val_accuracy: float | None =
     from imgcls.dataset import load_class_names, load_split
 
     with contextlib.chdir(root):
-        pixels, labels, _ = load_split("train")
+        pixels, labels, _ = load_split("train", 32)
         class_names = load_class_names()
     return train_tiny_model(root, pixels, labels, class_names, name=name, val_accuracy=val_accuracy)
 

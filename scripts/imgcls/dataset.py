@@ -1,9 +1,9 @@
 """Where each stage's data lives, how it is read, and how outputs are written safely.
 
-The resized images are one packed uint8 array (`images.npy`, memory-mapped on
-read) beside an index CSV with one row per image. DVC hashes a directory output
-file by file, so tens of thousands of small JPEGs make every `dvc status` slow;
-two files keep it instant whatever the dataset's size.
+The resized images are one packed uint8 array per size (`images_<size>.npy`,
+memory-mapped on read) beside an index CSV with one row per image. DVC hashes
+a directory output file by file, so tens of thousands of small JPEGs make every
+`dvc status` slow; a few files keep it instant whatever the dataset's size.
 """
 
 import contextlib
@@ -19,7 +19,6 @@ from imgcls.errors import UserError
 
 RAW_DIR = Path("data/raw")
 RESIZED_DIR = Path("data/resized")
-IMAGES_FILE = RESIZED_DIR / "images.npy"
 INDEX_FILE = RESIZED_DIR / "index.csv"
 SPLIT_DIR = Path("data/split")
 MANIFEST_FILE = SPLIT_DIR / "manifest.csv"
@@ -100,36 +99,39 @@ def load_manifest() -> pd.DataFrame:
     return pd.read_csv(require(MANIFEST_FILE, "split"), keep_default_na=False, dtype={"label": str, "path": str})
 
 
-def load_images() -> np.ndarray:
-    """All resized images as a read-only memory map: (N, size, size, 3) uint8, row i = index id i."""
-    return np.load(require(IMAGES_FILE, "resize"), mmap_mode="r")
+def images_file(size: int) -> Path:
+    return RESIZED_DIR / f"images_{size}.npy"
 
 
-def load_split(split: str, manifest: pd.DataFrame | None = None, images: np.ndarray | None = None):
-    """Return (images, labels, rows) of one split: uint8 pixels in memory, int labels, manifest rows."""
+def load_images(size: int) -> np.ndarray:
+    """All images resized to `size` as a read-only memory map: (N, size, size, 3) uint8, row i = index id i."""
+    path = images_file(size)
+    if not path.exists() and INDEX_FILE.exists():
+        raise UserError(f"{RESIZED_DIR} has no {size} px images: the model needs them, so resize.image_size"
+                        f" must include {size}; run `dvc repro` (or `dvc repro resize split`) after changing it.")
+    return np.load(require(path, "resize"), mmap_mode="r")
+
+
+def load_split(split: str, size: int, manifest: pd.DataFrame | None = None, images: np.ndarray | None = None):
+    """Return (images, labels, rows) of one split at one size: uint8 pixels in memory, int labels, manifest rows."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     manifest = load_manifest() if manifest is None else manifest
-    images = load_images() if images is None else images
+    images = load_images(size) if images is None else images
     rows = manifest[manifest["split"] == split].reset_index(drop=True)
     if len(rows) and rows["id"].max() >= len(images):
-        raise UserError(f"{MANIFEST_FILE} does not match {IMAGES_FILE}: rerun `dvc repro split`.")
+        raise UserError(f"{MANIFEST_FILE} does not match {images_file(size)}: rerun `dvc repro split`.")
     pixels = np.asarray(images[rows["id"].to_numpy()])
     return pixels, rows["label_index"].to_numpy(dtype=np.int64), rows
 
 
 def load_training_data(image_size: int):
-    """(class names, (train pixels, labels), (val pixels, labels)) for a trainer, checked against params."""
+    """(class names, (train pixels, labels), (val pixels, labels)) at one size of resize.image_size, for a trainer."""
     class_names = load_class_names()
     manifest = load_manifest()
-    images = load_images()
-    if images.shape[1] != image_size:
-        raise UserError(
-            f"data/resized holds {images.shape[1]} px images but resize.image_size is {image_size}:"
-            " run `dvc repro resize split` (or `dvc repro`) to bring them in line."
-        )
-    train_pixels, train_labels, _ = load_split("train", manifest, images)
-    val_pixels, val_labels, _ = load_split("val", manifest, images)
+    images = load_images(image_size)
+    train_pixels, train_labels, _ = load_split("train", image_size, manifest, images)
+    val_pixels, val_labels, _ = load_split("val", image_size, manifest, images)
     for split, labels in (("train", train_labels), ("val", val_labels)):
         if len(labels) == 0:
             raise UserError(f"the {split} split is empty: check the split fractions in params.yaml and run `dvc repro split`.")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgcls.errors import UserError
 
@@ -29,18 +29,38 @@ class DataParams(Section):
 
 
 class ResizeParams(Section):
-    image_size: int = Field(ge=8, le=1024)
+    # One size, or a list: one array per size, and each model reads the one that suits its input size.
+    image_size: int | list[int]
     aspect: Literal["pad", "center_crop", "stretch"]
     background: tuple[int, int, int]
     on_error: Literal["skip", "fail"]
     max_pixels: int = Field(ge=1)
     workers: int = Field(ge=0)
 
+    @field_validator("image_size", mode="plain")
+    @classmethod
+    def _sides_in_pixels(cls, value):
+        sides = value if isinstance(value, list) else [value]
+        if not sides or not all(isinstance(side, int) and not isinstance(side, bool) and 8 <= side <= 1024
+                                for side in sides):
+            raise ValueError("must be a side in pixels from 8 to 1024, or a list of them (e.g. 160 or [160, 224])")
+        return value
+
     @model_validator(mode="after")
     def _background_is_rgb(self):
         if not all(0 <= channel <= 255 for channel in self.background):
             raise ValueError("background must be three integers in 0..255, e.g. [255, 255, 255]")
         return self
+
+    @property
+    def sizes(self) -> list[int]:
+        """Every size resize writes, smallest first."""
+        return sorted({self.image_size} if isinstance(self.image_size, int) else set(self.image_size))
+
+    def array_size(self, input_size: int) -> int:
+        """The size of the arrays a model with this input size reads: the smallest that is at least as large
+        (it then only shrinks them, or uses them as they are), else the largest (which it enlarges)."""
+        return next((size for size in self.sizes if size >= input_size), self.sizes[-1])
 
 
 class SplitParams(Section):

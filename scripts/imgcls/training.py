@@ -401,12 +401,13 @@ def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epoc
     return time.perf_counter() - started
 
 
-def model_card(name: str, class_names: list[str], resize_section, val_accuracy: float, **extra) -> dict:
+def model_card(name: str, class_names: list[str], resize_section, image_size: int, val_accuracy: float,
+               **extra) -> dict:
     """The model card modelio expects: names, the image geometry new photos need, validation accuracy, extras."""
     return {
         "name": name,
         "class_names": list(class_names),
-        "image_size": resize_section.image_size,
+        "image_size": image_size,
         "aspect": resize_section.aspect,
         "background": list(resize_section.background),
         "max_pixels": resize_section.max_pixels,
