@@ -1,5 +1,10 @@
 # imgcls: `make run` runs the pipeline, `make test` the tests; both set up .venv first.
 #
+# On a machine where `nvidia-smi` lists a GPU, setup installs the GPU stack
+# (requirements-gpu.txt: JAX with CUDA) and the Keras stages train on every GPU
+# with KERAS_BACKEND=jax; elsewhere the CPU stack (requirements.txt, TensorFlow).
+# DEVICE=cpu or DEVICE=gpu forces one; `make env` prints the plan.
+#
 # Offline, point KERAS_CACHE at a pre-seeded Keras cache (a folder with datasets/
 # and models/): its files are linked into a writable .keras-home/, which becomes
 # KERAS_HOME, so the ordinary download code finds them already cached.
@@ -9,6 +14,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 KERAS_CACHE ?=
+DEVICE ?= auto
+
+# The plan (scripts/imgcls/device.py) needs only the standard library, so it runs before any install.
+export IMGCLS_DEVICE := $(DEVICE)
+PLAN := PYTHONPATH=$(CURDIR)/scripts $(PYTHON) -m imgcls.device
+STACK := $(shell IMGCLS_DEVICE=$(DEVICE) $(PLAN) --device)
 
 # Stage commands in dvc.yaml say `python`: make it the project's interpreter.
 export PATH := $(BIN):$(PATH)
@@ -17,15 +28,22 @@ ifneq ($(KERAS_CACHE),)
 export KERAS_HOME := $(CURDIR)/.keras-home
 endif
 
-.PHONY: setup run test bench serve keras-home clean
+.PHONY: setup env run test bench bench-gpu serve keras-home clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed-$(or $(STACK),unknown)
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed-unknown:
+	@$(PLAN); exit 2
+
+# One stamp per stack: a venv set up for the CPU gets the GPU stack added when DEVICE=gpu asks for it.
+$(VENV)/.installed-%: requirements.txt requirements-gpu.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r $$($(PLAN) --requirements)
 	touch $@
+
+env:
+	@$(PLAN)
 
 keras-home:
 ifneq ($(KERAS_CACHE),)
@@ -53,4 +71,4 @@ serve: setup
 	python scripts/serve.py --port $(PORT)
 
 clean:
-	rm -rf $(VENV) .keras-home
+	rm -rf $(VENV) .keras-home .cache

@@ -6,6 +6,7 @@ validation score is kept; curves go to reports/cnn/ (DVCLive plots data,
 history.csv, training.png) and the training summary to reports/cnn/train.json.
 """
 
+from imgcls import device
 from imgcls.dataset import REPORTS_DIR, load_training_data
 from imgcls.errors import run_stage
 from imgcls.params import load_params
@@ -19,32 +20,28 @@ def main() -> None:
     section = params.train_cnn
     image_size = params.resize.array_size(section.input_size)
     class_names, (train_pixels, train_labels), (val_pixels, val_labels) = load_training_data(image_size)
-
     # Keras is imported only now, so a bad params.yaml fails in a fraction of a second.
-    import keras
-
+    device.choose_backend()
     from imgcls import training
     from imgcls.cnn import build_cnn, with_test_time_augmentation
 
-    training.seed_everything(params.seed)
-    training.set_precision(section.mixed_precision)
+    run = training.start_run("train_cnn", section, params.seed, params.distribution, image_size)
     num_classes = len(class_names)
     weights = training.class_weights(train_labels, num_classes, section.class_weight)
-    train = training.ImageBatches(train_pixels, train_labels, num_classes, section.batch_size, shuffle=True,
-                                  seed=params.seed, class_weights=weights)
-    val = training.ImageBatches(val_pixels, val_labels, num_classes, batch_size=max(section.batch_size, 64))
+    train = run.batches(train_pixels, train_labels, num_classes, section.batch_size, shuffle=True, seed=params.seed,
+                        class_weights=weights)
+    val = run.batches(val_pixels, val_labels, num_classes, batch_size=max(section.batch_size, 64))
 
     model = build_cnn(num_classes, image_size, section, params.seed, train_images=train_pixels)
     optimizer = training.build_optimizer(section.optimizer, section.learning_rate, section.schedule, section.epochs,
                                          len(train), section.warmup_epochs, section.weight_decay)
     training.compile_classifier(model, optimizer, section.label_smoothing, section.jit_compile)
     print(f"train_cnn: {model.count_params():,} parameters, {len(train_labels)} training and {len(val_labels)}"
-          f" validation images, {num_classes} classes, backend {keras.backend.backend()}")
+          f" validation images, {num_classes} classes")
 
     log = training.TrainingLog(REPORT_DIR, title="CNN")
     best = training.KeepBest(section.monitor)
-    log.start_phase("train")
-    seconds = training.train_phase(model, train, val, section.epochs, log, best, section.patience)
+    seconds = training.train_phase(model, train, val, section.epochs, log, best, section.patience, run.state)
     best.restore(model)
     log.finish()
 
@@ -54,16 +51,18 @@ def main() -> None:
         # (An uncompiled copy: a compiled model nested in the saved one would drag its optimizer along.)
         model = with_test_time_augmentation(training.uncompiled_copy(trained), section.test_time_flip,
                                             section.test_time_shift)
-        val_accuracy = float((model.predict(val, verbose=0).argmax(axis=1) == val_labels).mean())
+        val_accuracy = float((training.predict(model, val).argmax(axis=1) == val_labels).mean())
         print(f"train_cnn: validation accuracy {best.best_logs['val_accuracy']:.4f}, {val_accuracy:.4f} averaged"
               " over the test-time versions of each image")
     card = training.model_card(NAME, class_names, params.resize, image_size, val_accuracy,
                                input_size=section.input_size, best_epoch=best.best_epoch,
-                               test_time_flip=section.test_time_flip, test_time_shift=section.test_time_shift)
+                               test_time_flip=section.test_time_flip, test_time_shift=section.test_time_shift,
+                               trained_on=run.device)
     training.save_trained_model(model, NAME, card)
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
                                               images_seen=best.epochs_seen * len(train_labels),
-                                              parameters=int(trained.count_params()))
+                                              parameters=int(trained.count_params()), trained_on=run.device)
+    run.state.finish()
     print(f"train_cnn: best {section.monitor} {best.best_value:.4f} at epoch {best.best_epoch}/{best.epochs_seen};"
           f" {metrics['train_seconds']:.0f} s, {metrics['images_per_second']} images/s; saved models/{NAME}.keras")
 

@@ -17,7 +17,9 @@ phase boundary) and the training summary to reports/transfer/train.json.
 """
 
 import time
+from types import SimpleNamespace
 
+from imgcls import device
 from imgcls.dataset import REPORTS_DIR, load_training_data
 from imgcls.errors import run_stage
 from imgcls.params import load_params
@@ -29,123 +31,171 @@ REPORT_DIR = REPORTS_DIR / NAME
 def main() -> None:
     params = load_params()
     section = params.train_transfer
-    # Check the base and its input size before loading any data or Keras.
-    from imgcls import transfer
+    device.choose_backend()
+    # Check the base and its input size before loading any data.
+    from imgcls import training, transfer
 
     input_size = transfer.resolve_input_size(section.base, section.input_size)
     transfer.check_weights_setting(section.base, section.weights)
     image_size = params.resize.array_size(input_size)
-    class_names, (train_pixels, train_labels), (val_pixels, val_labels) = load_training_data(image_size)
-
-    import keras
-
-    from imgcls import training
+    class_names, train_set, val_set = load_training_data(image_size)
 
     started = time.perf_counter()
-    training.seed_everything(params.seed)
-    num_classes = len(class_names)
-    base = transfer.build_base(section.base, input_size, section.weights)
-    base.trainable = False
-    head = transfer.build_head(base.output_shape[-1], num_classes, section.dense_units, section.dropout)
-    classifier = transfer.build_classifier(section.base, base, head, image_size, input_size)
-    weights = training.class_weights(train_labels, num_classes, section.class_weight)
-
-    def batches(inputs, labels, shuffle):
-        return training.ImageBatches(inputs, labels, num_classes, section.batch_size if shuffle else 64,
-                                     shuffle=shuffle, seed=params.seed, class_weights=weights if shuffle else None)
-
-    def compile_for(model, phase):
-        steps = -(-len(train_labels) // section.batch_size)
-        optimizer = training.build_optimizer("adam", phase.learning_rate, section.schedule, phase.epochs, steps)
-        training.compile_classifier(model, optimizer, section.label_smoothing)
-
+    run = training.start_run("train_transfer", section, params.seed, params.distribution, image_size)
+    net = build_networks(section, len(class_names), image_size, input_size)
+    data = Data(run, section, params.seed, len(class_names), train_set, val_set)
     print(f"train_transfer: {section.base} at {input_size} px ({section.weights} weights),"
-          f" {len(train_labels)} training and {len(val_labels)} validation images, {num_classes} classes,"
-          f" backend {keras.backend.backend()}")
+          f" {len(data.train_labels)} training and {len(data.val_labels)} validation images,"
+          f" {len(class_names)} classes")
     log = training.TrainingLog(REPORT_DIR, title=f"transfer ({section.base})")
     best = training.KeepBest(section.monitor)
-    timings = {}
 
-    fine_tune = section.fine_tune.epochs > 0
-    first = transfer.first_trainable_layer(base, section.fine_tune.unfreeze) if fine_tune else len(base.layers)
-    cache_phase1 = transfer.augmentation_is_off(section.head.augment)
-    cache_phase2 = fine_tune and section.fine_tune.cached_copies > 0
-    if cache_phase2:
-        # The layers below the fine-tuned ones stay frozen: their output for each image and for
-        # a few augmented copies of it is computed once; phase 2 then runs only the top of the base.
-        bottom, top = transfer.split_base(base, first)
-        clock = time.perf_counter()
-        below = transfer.bottom_extractor(section.base, bottom, image_size, input_size)
-        train_versions = [transfer.as_list(transfer.compute_features(below, train_pixels))]
-        if not transfer.augmentation_is_off(section.fine_tune.augment):
-            for copy in range(section.fine_tune.cached_copies):
-                augment = transfer.augmented_copy(section.fine_tune.augment, params.seed + 100 + copy)
-                train_versions.append(transfer.as_list(transfer.compute_features(below, train_pixels, transform=augment)))
-        val_versions = [transfer.as_list(transfer.compute_features(below, val_pixels))]
-        top_model = transfer.top_classifier(top, head)
-        timings["cache_seconds"] = round(time.perf_counter() - clock, 2)
-        print(f"train_transfer: activations below layer {base.layers[first].name} of {len(train_pixels)} training"
-              f" images ({len(train_versions) - 1} augmented copies each) and {len(val_pixels)} validation images"
-              f" computed once in {timings['cache_seconds']:.1f} s")
-
-    # Phase 1: the head on the frozen base.
-    log.start_phase("head")
-    if cache_phase1:
-        clock = time.perf_counter()
-        if cache_phase2:
-            pooled = transfer.pooled_top(top)
-            train_features = transfer.compute_features(pooled, train_versions[0])
-            val_features = transfer.compute_features(pooled, val_versions[0])
-        else:
-            extractor = transfer.feature_extractor(section.base, base, image_size, input_size)
-            train_features = transfer.compute_features(extractor, train_pixels)
-            val_features = transfer.compute_features(extractor, val_pixels)
-        timings["feature_seconds"] = round(time.perf_counter() - clock, 2)
-        print(f"train_transfer: features of {len(train_features) + len(val_features)} images computed once"
-              f" in {timings['feature_seconds']:.1f} s")
-        phase1_model = head
-        train, val = batches(train_features, train_labels, True), batches(val_features, val_labels, False)
-    else:
-        phase1_model = transfer.with_augmentation(classifier, section.head.augment, params.seed, image_size)
-        train, val = batches(train_pixels, train_labels, True), batches(val_pixels, val_labels, False)
-    compile_for(phase1_model, section.head)
-    timings["head_seconds"] = round(training.train_phase(phase1_model, train, val, section.head.epochs, log, best), 2)
-    best.restore(phase1_model)  # the head (and so the classifier) now holds phase 1's best weights
-
-    # Phase 2: fine-tune the top of the base with the head.
-    if fine_tune:
-        trainable = transfer.unfreeze_top(base, section.fine_tune.unfreeze)
-        if cache_phase2:
-            fine_tune_model = top_model
-            train = transfer.CachedBatches(train_versions, train_labels, num_classes, section.batch_size, shuffle=True,
-                                           seed=params.seed + 100, class_weights=weights)
-            val = transfer.CachedBatches(val_versions, val_labels, num_classes, 64)
-        else:
-            fine_tune_model = transfer.with_augmentation(classifier, section.fine_tune.augment, params.seed + 100,
-                                                         image_size)
-            train, val = batches(train_pixels, train_labels, True), batches(val_pixels, val_labels, False)
-        # The best weights so far (phase 1's) expressed as this model's weights, so that
-        # restoring after phase 2 falls back to them when fine-tuning never did better.
-        best.weights = [weight.copy() for weight in fine_tune_model.get_weights()]
-        compile_for(fine_tune_model, section.fine_tune)
-        print(f"train_transfer: fine-tuning {trainable} layers of {section.base} ({len(base.layers)} in all)"
-              + (", on cached activations" if cache_phase2 else ", on images"))
-        log.start_phase("fine-tune")
-        timings["fine_tune_seconds"] = round(training.train_phase(fine_tune_model, train, val, section.fine_tune.epochs,
-                                                                  log, best, section.fine_tune.patience), 2)
-        best.restore(fine_tune_model)
+    timings = data.cache_below_fine_tuning(net) if net.fine_tune and section.fine_tune.cached_copies else {}
+    if not run.state.skips("head"):
+        timings |= train_head(run, section, net, data, log, best)
+    if net.fine_tune:
+        timings |= fine_tune(run, section, net, data, log, best)
     log.finish()
 
     seconds = time.perf_counter() - started
     card = training.model_card(NAME, class_names, params.resize, image_size, best.best_logs["val_accuracy"],
-                               base=section.base, input_size=input_size, best_epoch=best.best_epoch)
-    training.save_trained_model(classifier, NAME, card)
+                               base=section.base, input_size=input_size, best_epoch=best.best_epoch,
+                               trained_on=run.device)
+    training.save_trained_model(net.classifier, NAME, card)
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
-                                              images_seen=len(train_labels) * best.epochs_seen,
-                                              parameters=int(classifier.count_params()), **timings)
+                                              images_seen=len(data.train_labels) * best.epochs_seen,
+                                              parameters=int(net.classifier.count_params()), trained_on=run.device,
+                                              **timings)
+    run.state.finish()
     print(f"train_transfer: best {section.monitor} {best.best_value:.4f} (val accuracy"
           f" {best.best_logs['val_accuracy']:.4f}) at epoch {best.best_epoch}/{best.epochs_seen};"
           f" {metrics['train_seconds']:.0f} s; saved models/{NAME}.keras")
+
+
+def build_networks(section, num_classes: int, image_size: int, input_size: int) -> SimpleNamespace:
+    """The frozen base, the new head and the saved classifier (pixels → base → head), which share layers."""
+    from imgcls import transfer
+
+    base = transfer.build_base(section.base, input_size, section.weights)
+    base.trainable = False
+    head = transfer.build_head(base.output_shape[-1], num_classes, section.dense_units, section.dropout)
+    classifier = transfer.build_classifier(section.base, base, head, image_size, input_size)
+    fine_tune = section.fine_tune.epochs > 0
+    first = transfer.first_trainable_layer(base, section.fine_tune.unfreeze) if fine_tune else len(base.layers)
+    return SimpleNamespace(base=base, head=head, classifier=classifier, fine_tune=fine_tune, first_trainable=first,
+                           image_size=image_size, input_size=input_size, top=None)
+
+
+class Data:
+    """The training and validation images, and what is computed once from them: the frozen layers' outputs."""
+
+    def __init__(self, run, section, seed: int, num_classes: int, train_set, val_set):
+        from imgcls import training
+
+        self.run, self.section, self.seed, self.num_classes = run, section, seed, num_classes
+        (self.train_pixels, self.train_labels), (self.val_pixels, self.val_labels) = train_set, val_set
+        self.class_weights = training.class_weights(self.train_labels, num_classes, section.class_weight)
+        self.train_versions = self.val_versions = None  # activations below the fine-tuned layers, once cached
+
+    def batches(self, train_inputs, val_inputs, seed: int, kind=None):
+        """(training batches, validation batches) of the given inputs (pixels, features or cached activations)."""
+        run, section = self.run, self.section
+        train = run.batches(train_inputs, self.train_labels, self.num_classes, section.batch_size, kind=kind,
+                            shuffle=True, seed=seed, class_weights=self.class_weights)
+        return train, run.batches(val_inputs, self.val_labels, self.num_classes, 64, kind=kind)
+
+    def cache_below_fine_tuning(self, net) -> dict:
+        """The layers below the fine-tuned ones stay frozen: their output for each image, and for a few
+        augmented copies of it, is computed once; phase 2 then runs only the top of the base."""
+        from imgcls import transfer
+
+        clock = time.perf_counter()
+        section, replicas = self.section, self.run.replicas
+        bottom, net.top = transfer.split_base(net.base, net.first_trainable)
+        below = transfer.bottom_extractor(section.base, bottom, net.image_size, net.input_size)
+        self.train_versions = [transfer.as_list(transfer.compute_features(below, self.train_pixels,
+                                                                          replicas=replicas))]
+        if not transfer.augmentation_is_off(section.fine_tune.augment):
+            for copy in range(section.fine_tune.cached_copies):
+                augment = transfer.augmented_copy(section.fine_tune.augment, self.seed + 100 + copy)
+                self.train_versions.append(transfer.as_list(
+                    transfer.compute_features(below, self.train_pixels, transform=augment, replicas=replicas)))
+        self.val_versions = [transfer.as_list(transfer.compute_features(below, self.val_pixels, replicas=replicas))]
+        seconds = round(time.perf_counter() - clock, 2)
+        print(f"train_transfer: activations below layer {net.base.layers[net.first_trainable].name} of"
+              f" {len(self.train_pixels)} training images ({len(self.train_versions) - 1} augmented copies each)"
+              f" and {len(self.val_pixels)} validation images computed once in {seconds:.1f} s")
+        return {"cache_seconds": seconds}
+
+    def pooled_features(self, net) -> tuple:
+        """The frozen base's pooled features of every image (phase 1 without augmentation trains on these)."""
+        from imgcls import transfer
+
+        replicas = self.run.replicas
+        if self.train_versions is not None:  # from the cached activations: only the top of the base runs
+            extractor = transfer.pooled_top(net.top)
+            return (transfer.compute_features(extractor, self.train_versions[0], replicas=replicas),
+                    transfer.compute_features(extractor, self.val_versions[0], replicas=replicas))
+        extractor = transfer.feature_extractor(self.section.base, net.base, net.image_size, net.input_size)
+        return (transfer.compute_features(extractor, self.train_pixels, replicas=replicas),
+                transfer.compute_features(extractor, self.val_pixels, replicas=replicas))
+
+
+def compile_phase(model, section, phase, steps_per_epoch: int) -> None:
+    from imgcls import training
+
+    optimizer = training.build_optimizer("adam", phase.learning_rate, section.schedule, phase.epochs, steps_per_epoch)
+    training.compile_classifier(model, optimizer, section.label_smoothing)
+
+
+def train_head(run, section, net, data, log, best) -> dict:
+    """Phase 1: the head alone on the frozen base. Without augmentation the base's features never change,
+    so they are computed once and each epoch costs milliseconds instead of a pass of the base."""
+    import keras
+
+    from imgcls import training, transfer
+
+    timings = {}
+    if transfer.augmentation_is_off(section.head.augment):
+        clock = time.perf_counter()
+        train_features, val_features = data.pooled_features(net)
+        timings["feature_seconds"] = round(time.perf_counter() - clock, 2)
+        print(f"train_transfer: features of {len(train_features) + len(val_features)} images computed once"
+              f" in {timings['feature_seconds']:.1f} s")
+        # A model around the head, so that the head nested in the saved classifier is never compiled
+        # (a compiled layer would carry its loss and optimizer into models/transfer.keras).
+        model = keras.Model(net.head.inputs, net.head(net.head.inputs), name="head_on_features")
+        train, val = data.batches(train_features, val_features, data.seed)
+    else:
+        model = transfer.with_augmentation(net.classifier, section.head.augment, data.seed, net.image_size)
+        train, val = data.batches(data.train_pixels, data.val_pixels, data.seed)
+    compile_phase(model, section, section.head, len(train))
+    seconds = training.train_phase(model, train, val, section.head.epochs, log, best, state=run.state, phase="head")
+    best.restore(model)  # the head (and so the classifier) now holds phase 1's best weights
+    return timings | {"head_seconds": round(seconds, 2)}
+
+
+def fine_tune(run, section, net, data, log, best) -> dict:
+    """Phase 2: the top of the base unfrozen, with the head, at a lower learning rate (BatchNorm stays frozen)."""
+    from imgcls import training, transfer
+
+    trainable = transfer.unfreeze_top(net.base, section.fine_tune.unfreeze)
+    if data.train_versions is not None:
+        model = transfer.top_classifier(net.top, net.head)
+        train, val = data.batches(data.train_versions, data.val_versions, data.seed + 100, kind=transfer.CachedBatches)
+    else:
+        model = transfer.with_augmentation(net.classifier, section.fine_tune.augment, data.seed + 100, net.image_size)
+        train, val = data.batches(data.train_pixels, data.val_pixels, data.seed)
+    # The best weights so far (phase 1's) expressed as this model's weights, so that
+    # restoring after phase 2 falls back to them when fine-tuning never did better.
+    best.weights = [weight.copy() for weight in model.get_weights()]
+    compile_phase(model, section, section.fine_tune, len(train))
+    print(f"train_transfer: fine-tuning {trainable} layers of {section.base} ({len(net.base.layers)} in all)"
+          + (", on cached activations" if data.train_versions is not None else ", on images"))
+    seconds = training.train_phase(model, train, val, section.fine_tune.epochs, log, best, section.fine_tune.patience,
+                                   run.state, phase="fine-tune")
+    best.restore(model)
+    return {"fine_tune_seconds": round(seconds, 2)}
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ class TrainCnnParams(Section):
     patience: int = Field(ge=0)
     class_weight: Literal["none", "balanced"]
     monitor: Literal["val_accuracy", "val_loss"]
-    mixed_precision: Literal["none", "float16", "bfloat16"]
+    mixed_precision: Literal["auto", "none", "float16", "bfloat16"]
     jit_compile: bool
 
     @model_validator(mode="after")
@@ -166,6 +166,7 @@ class TrainTransferParams(Section):
     schedule: Literal["constant", "cosine", "one_cycle"]
     class_weight: Literal["none", "balanced"]
     monitor: Literal["val_accuracy", "val_loss"]
+    mixed_precision: Literal["auto", "none", "float16", "bfloat16"]
     head: TransferHeadParams
     fine_tune: TransferFineTuneParams
 
@@ -202,6 +203,7 @@ class ExportParams(Section):
 
 class Params(Section):
     seed: int = Field(ge=0)
+    distribution: Literal["auto", "none"]
     data: DataParams
     resize: ResizeParams
     split: SplitParams

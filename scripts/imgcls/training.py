@@ -5,19 +5,20 @@ Everything here uses `keras.*` only and feeds numpy arrays through a
 TensorFlow, JAX or PyTorch backend.
 
 A trainer does, in order:
-    seed_everything(params.seed)
-    train = ImageBatches(pixels, labels, num_classes, batch_size, shuffle=True, seed=..., class_weights=...)
+    run = start_run(stage, section, seed, distribution, image_size)  # seed, precision, devices, saved state
+    train = run.batches(pixels, labels, num_classes, batch_size, shuffle=True, seed=..., class_weights=...)
     model = ...  # augmentation(section.augment, seed) goes inside the model
     compile_classifier(model, build_optimizer(...), label_smoothing, jit_compile)
     log, best = TrainingLog(report_dir), KeepBest(monitor)
-    log.start_phase("train"); train_phase(model, train, val, epochs, log, best, patience)
+    train_phase(model, train, val, epochs, log, best, patience, run.state, phase="train")
     best.restore(model); log.finish()
-    save_trained_model(model, name, model_card(...))
+    save_trained_model(model, name, model_card(...)); run.state.finish()
 A trainer with two phases (e.g. head first, then fine-tuning) calls
-start_phase/train_phase twice with the same log and KeepBest, so the history,
-the plot and the best model span both phases.
+train_phase twice with the same log, KeepBest and state, so the history, the
+plot and the best model span both phases, and a killed run resumes in either.
 """
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from imgcls.dataset import atomic_path, write_csv, write_json
+from imgcls import checkpoint, device
+from imgcls.dataset import CLASSES_FILE, MANIFEST_FILE, atomic_path, images_file, write_csv, write_json
 from imgcls.errors import UserError
 
 MONITOR_MODES = {"val_accuracy": "max", "val_loss": "min"}
@@ -45,23 +47,69 @@ def seed_everything(seed: int) -> None:
         tensorflow.config.experimental.enable_op_determinism()
 
 
-class ImageBatches(keras.utils.PyDataset):
-    """Batches of uint8 images (N, S, S, 3) as float32 pixels in 0..255, with one-hot labels.
+@dataclasses.dataclass
+class TrainingRun:
+    """What a training stage decides before it builds its model: precision, devices, its resumable state."""
 
-    With `shuffle`, each epoch visits the images in a new order drawn from
-    (seed, epoch number), so a rerun sees the same batches. Without labels the
-    batches hold images only (for `model.predict`). With `class_weights`
-    ({class index: weight}) each batch also carries per-image loss weights.
-    One-hot labels (rather than indices) are what label smoothing needs.
+    stage: str
+    precision: str
+    replicas: int
+    process: tuple[int, int]
+    device: dict  # device.describe(): what it runs on, for the printout, train.json and the model card
+    state: checkpoint.TrainingState
+
+    def batches(self, images, labels=None, num_classes=None, batch_size=32, kind=None, **options) -> "ImageBatches":
+        """ImageBatches (or the subclass `kind`) split across this run's devices (and hosts)."""
+        return (kind or ImageBatches)(images, labels, num_classes, batch_size, replicas=self.replicas,
+                                      process=self.process, **options)
+
+
+def start_run(stage: str, section, seed: int, distribution: str, image_size: int) -> TrainingRun:
+    """Seed everything, pick the precision and the devices, and find a killed run's state to resume.
+
+    `section` is the stage's params section (its mixed_precision and batch_size
+    are read here). Call it before building the model: the precision policy and
+    the distribution apply to the variables the model creates.
+    """
+    seed_everything(seed)
+    precision = device.resolve_precision(section.mixed_precision)
+    set_precision(precision)
+    replicas = device.distribute(distribution, {f"{stage}.batch_size": section.batch_size})
+    report = device.describe(precision, replicas, section.batch_size)
+    print(f"{stage}: {device.summary(report)}")
+    settings = {"seed": seed, "params": section.model_dump(), "image_size": image_size, "device": report}
+    data = [images_file(image_size), MANIFEST_FILE, CLASSES_FILE]
+    state = checkpoint.TrainingState(stage, checkpoint.fingerprint(settings, data))
+    return TrainingRun(stage, precision, replicas, device.process_slice(), report, state)
+
+
+class ImageBatches(keras.utils.PyDataset):
+    """Batches of images (N, S, S, 3) as the uint8 pixels they are stored in, with class indices as labels.
+
+    uint8 is a quarter of float32's bytes on the way to a GPU; the model casts
+    them itself, and the loss one-hot encodes the indices inside the compiled
+    step (see compile_classifier). With `shuffle`, each epoch visits the images
+    in a new order drawn from (seed, epoch number), so a rerun (or a resumed run:
+    `start_epoch`) sees the same batches. Without labels the batches hold images
+    only (for `model.predict`). With `class_weights` ({class index: weight}) each
+    batch also carries per-image loss weights.
+
+    Data-parallel training (`replicas` > 1) needs every batch to divide by the
+    number of devices: a batch that does not is padded with copies of its first
+    images whose loss weight is 0, so they change no metric, and `predict`
+    drops their predictions. With several hosts, each process yields only its
+    own slice of each batch (`process`: index, count).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None,
-                 batch_size: int = 32, shuffle: bool = False, seed: int = 0, class_weights: dict | None = None):
+                 batch_size: int = 32, shuffle: bool = False, seed: int = 0, class_weights: dict | None = None,
+                 replicas: int = 1, process: tuple[int, int] = (0, 1), start_epoch: int = 0):
         # Two threads, no processes: batches are cheap slices of arrays in memory.
         # With more than one worker Keras fetches batches with its ordered enqueuer
         # (same order, so the same metrics) and switches off tf.data's autotuned
         # prefetching, which on a 2-core CPU otherwise competes with training for
-        # the cores (gear CNN epochs: 7.5 s instead of 10 s).
+        # the cores (gear CNN epochs: 7.5 s instead of 10 s). Processes would also
+        # break JAX on a GPU (keras-team/keras#20619).
         super().__init__(workers=2, use_multiprocessing=False)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -69,16 +117,21 @@ class ImageBatches(keras.utils.PyDataset):
             raise ValueError("ImageBatches needs at least one image")
         if labels is not None:
             if num_classes is None:
-                raise ValueError("num_classes is required with labels (the labels are one-hot encoded)")
+                raise ValueError("num_classes is required with labels (the loss one-hot encodes them)")
             if len(labels) != len(images):
                 raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if replicas % process[1]:
+            raise ValueError(f"{replicas} replicas cannot be split evenly over {process[1]} processes")
         self.images = images
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int32)
         self.num_classes = num_classes
-        self.batch_size = batch_size
+        # With several replicas only the last batch may need padding.
+        self.batch_size = math.ceil(batch_size / replicas) * replicas
         self.shuffle = shuffle
         self.seed = seed
-        self.epoch = 0
+        self.replicas = replicas
+        self.process_index, self.process_count = process
+        self.epoch = start_epoch
         self.weights = None
         if class_weights is not None and self.labels is not None:
             lookup = np.array([class_weights.get(index, 1.0) for index in range(num_classes)], dtype=np.float32)
@@ -95,21 +148,37 @@ class ImageBatches(keras.utils.PyDataset):
 
     def inputs(self, picked: np.ndarray):
         """The model inputs of the images at positions `picked` (a subclass may serve other inputs)."""
-        return np.asarray(self.images[picked], dtype=np.float32)
+        return np.asarray(self.images[picked])
 
     def __getitem__(self, index: int):
         picked = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        real = len(picked)
+        padding = -real % self.replicas
+        if padding:
+            picked = np.concatenate([picked, np.resize(picked, padding)])
+        weights = None
+        if self.labels is not None and (self.weights is not None or padding):
+            weights = self.weights[picked] if self.weights is not None else np.ones(len(picked), dtype=np.float32)
+            weights[real:] = 0.0  # padding: counted by no loss and no metric
+        if self.process_count > 1:
+            share = len(picked) // self.process_count
+            mine = slice(self.process_index * share, (self.process_index + 1) * share)
+            picked, weights = picked[mine], None if weights is None else weights[mine]
         inputs = self.inputs(picked)
         if self.labels is None:
             return (inputs,)
-        targets = np.eye(self.num_classes, dtype=np.float32)[self.labels[picked]]
-        if self.weights is None:
-            return inputs, targets
-        return inputs, targets, self.weights[picked]
+        if weights is None:
+            return inputs, self.labels[picked]
+        return inputs, self.labels[picked], weights
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
         self.order = self._order()
+
+
+def predict(model: keras.Model, batches: ImageBatches) -> np.ndarray:
+    """model.predict over `batches`, without the predictions of any padding (see ImageBatches)."""
+    return model.predict(batches, verbose=0)[:len(batches.images)]
 
 
 def augmentation(section, seed: int) -> keras.Sequential:
@@ -216,8 +285,26 @@ def build_optimizer(name: str, learning_rate: float, schedule: str, epochs: int,
     return optimizer
 
 
+class IndexCrossentropy(keras.losses.Loss):
+    """Cross-entropy with label smoothing for class indices: the one-hot targets label smoothing needs
+    are made inside the compiled step, on the device, so a batch carries one integer per image."""
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0, name: str = "crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = int(num_classes)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        indices = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+        one_hot = keras.ops.one_hot(indices, self.num_classes, dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "label_smoothing": self.label_smoothing}
+
+
 def compile_classifier(model: keras.Model, optimizer, label_smoothing: float = 0.0, jit_compile: bool = False) -> None:
-    """Compile for one-hot targets: cross-entropy with label smoothing, metric "accuracy".
+    """Compile for class-index targets: cross-entropy with label smoothing, metric "accuracy".
 
     JAX always compiles its steps (running them eagerly is very slow), so
     jit_compile only matters with TensorFlow.
@@ -226,8 +313,8 @@ def compile_classifier(model: keras.Model, optimizer, label_smoothing: float = 0
         jit_compile = True
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        loss=IndexCrossentropy(model.output_shape[-1], label_smoothing),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
     )
 
@@ -235,8 +322,8 @@ def compile_classifier(model: keras.Model, optimizer, label_smoothing: float = 0
 def set_precision(mixed_precision: str) -> None:
     """Compute in float16 or bfloat16 with float32 weights, or plainly in float32 ("none").
 
-    Call it before building the model. The softmax output layer should say
-    dtype="float32" so probabilities stay precise.
+    Call it before building the model (`auto` is resolved by device.resolve_precision
+    first). The softmax output layer should say dtype="float32" so probabilities stay precise.
     """
     if mixed_precision not in ("none", "float16", "bfloat16"):
         raise ValueError(f"mixed_precision must be none, float16 or bfloat16, got {mixed_precision!r}")
@@ -283,6 +370,16 @@ class KeepBest(keras.callbacks.Callback):
             self.best_epoch = self.epochs_seen
             self.best_logs = {key: float(number) for key, number in logs.items()}
             self.weights = [np.array(weight) for weight in self.model.get_weights()]
+
+    def state(self) -> dict:
+        """What a checkpoint needs besides the weights (see checkpoint.TrainingState)."""
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch, "best_logs": self.best_logs,
+                "epochs_seen": self.epochs_seen}
+
+    def restore_state(self, state: dict, weights: list[np.ndarray]) -> None:
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.best_logs, self.epochs_seen = state["best_logs"], state["epochs_seen"]
+        self.weights = weights or None
 
     def restore(self, model: keras.Model) -> None:
         """Load the best weights into `model`; fail clearly if no epoch had a finite score."""
@@ -332,12 +429,25 @@ class TrainingLog(keras.callbacks.Callback):
             "seconds": time.perf_counter() - self._started if self._started else None,
         }
         self.rows.append(row)
+        self._log_live(row)
+
+    def _log_live(self, row: dict) -> None:
         self.live.step = row["epoch"]  # DVCLive's x axis is then the epoch number, across phases
         for split, prefix in (("train", ""), ("val", "val_")):
             for metric in ("loss", "accuracy"):
                 if row[prefix + metric] is not None:
                     self.live.log_metric(f"{split}/{metric}", float(row[prefix + metric]))
         self.live.next_step()
+
+    def state(self) -> dict:
+        return {"rows": self.rows, "phases": self.phases}
+
+    def restore(self, state: dict) -> None:
+        """Continue the curves of a resumed run: its epochs so far, written again to DVCLive's files."""
+        self.rows = [dict(row) for row in state["rows"]]
+        self.phases = [tuple(phase) for phase in state["phases"]]
+        for row in self.rows:
+            self._log_live(row)
 
     def finish(self) -> None:
         """Write history.csv and training.png, and close DVCLive."""
@@ -385,20 +495,33 @@ def _current_learning_rate(model) -> float | None:
 
 
 def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epochs: int, log: TrainingLog,
-                best: KeepBest, patience: int = 0, verbose: int = 2) -> float:
+                best: KeepBest, patience: int = 0, state=None, phase: str = "train", verbose: int = 2) -> float:
     """model.fit for one phase with the shared callbacks; returns the training seconds.
 
     patience > 0 stops the phase after that many epochs without a better
-    `best.monitor`. Call `best.restore(model)` after the last phase.
+    `best.monitor`. With a checkpoint.TrainingState, the phase resumes where a
+    killed run of the same stage stopped, and saves its state after every
+    epoch. Call `best.restore(model)` after the last phase.
     """
+    log.start_phase(phase)
     # TerminateOnNaN: once the loss is NaN no later epoch can recover, so stop at once.
     callbacks = [best, log, keras.callbacks.TerminateOnNaN()]
+    early_stopping = None
     if patience > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=best.monitor, mode=best.mode, patience=patience))
+        early_stopping = keras.callbacks.EarlyStopping(monitor=best.monitor, mode=best.mode, patience=patience)
+        callbacks.append(early_stopping)
+    first_epoch = 0
+    if state is not None:
+        first_epoch = state.resume(phase, model, train, log, best)
+        if state.stopped_early:
+            first_epoch = epochs  # it had stopped before its last epoch: nothing is left to run
+        callbacks.append(state.callback(phase, log, best, early_stopping))
+    earlier = sum(row["seconds"] or 0.0 for row in log.rows if row["phase"] == phase)
     started = time.perf_counter()
     # shuffle=False: ImageBatches shuffles itself, from the seed.
-    model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=verbose)
-    return time.perf_counter() - started
+    model.fit(train, validation_data=val, epochs=epochs, initial_epoch=first_epoch, callbacks=callbacks,
+              shuffle=False, verbose=verbose)
+    return earlier + time.perf_counter() - started
 
 
 def model_card(name: str, class_names: list[str], resize_section, image_size: int, val_accuracy: float,

@@ -237,22 +237,29 @@ def input_pipeline(name: str, image_size: int, input_size: int):
     return keras.Sequential(layers, name="base_input")
 
 
-def compute_features(extractor, inputs, batch_size: int = 64, transform=None):
+def compute_features(extractor, inputs, batch_size: int = 64, transform=None, replicas: int = 1):
     """Run `extractor` over every image, one batch at a time (the float copy of all images never exists).
 
     `inputs` is one array or a list of arrays (a model with several inputs);
     the result is likewise one float32 array or a list, per model output.
     `transform(batch)` is applied to each uint8 batch first (e.g. augmented_copy).
+    Split across `replicas` devices, a last batch that does not divide by their
+    number is padded with copies of its first images, whose results are dropped.
     """
     arrays = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+    batch_size = -(-batch_size // replicas) * replicas
     outputs = None
     for start in range(0, len(arrays[0]), batch_size):
         batch = [np.asarray(array[start:start + batch_size]) for array in arrays]
         if transform is not None:
             batch = [transform(part) for part in batch]
+        real = len(batch[0])
+        if real % replicas:
+            batch = [np.concatenate([part, np.resize(part, (-real % replicas, *part.shape[1:]))]) for part in batch]
         batch = [part.astype("float32") for part in batch]
         result = extractor.predict_on_batch(batch if len(batch) > 1 else batch[0])
-        result = [np.asarray(part, dtype="float32") for part in (result if isinstance(result, (list, tuple)) else [result])]
+        result = [np.asarray(part, dtype="float32")[:real]
+                  for part in (result if isinstance(result, (list, tuple)) else [result])]
         outputs = [[] for _ in result] if outputs is None else outputs
         for collected, part in zip(outputs, result):
             collected.append(part)
@@ -301,10 +308,9 @@ class CachedBatches(ImageBatches):
     sees the same batches.
     """
 
-    def __init__(self, versions, labels, num_classes: int, batch_size: int, shuffle: bool = False, seed: int = 0,
-                 class_weights: dict | None = None):
+    def __init__(self, versions, labels, num_classes: int, batch_size: int, **options):
         self.versions = versions
-        super().__init__(versions[0][0], labels, num_classes, batch_size, shuffle, seed, class_weights)
+        super().__init__(versions[0][0], labels, num_classes, batch_size, **options)
 
     def _order(self) -> np.ndarray:
         self.version = np.random.default_rng([self.seed, self.epoch, 1]).integers(0, len(self.versions),
