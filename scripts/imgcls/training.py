@@ -95,10 +95,12 @@ class ImageBatches(keras.utils.PyDataset):
     batch also carries per-image loss weights.
 
     Data-parallel training (`replicas` > 1) needs every batch to divide by the
-    number of devices: a batch that does not is padded with copies of its first
-    images whose loss weight is 0, so they change no metric, and `predict`
-    drops their predictions. With several hosts, each process yields only its
-    own slice of each batch (`process`: index, count).
+    number of devices. A shuffled (training) batch that does not leaves out its
+    last few images (others each epoch), so BatchNormalization never sees
+    padding; a validation or prediction batch is padded with copies of its
+    first images, marked as padding for the loss and accuracy (label -1,
+    weight 0), and `predict` drops their predictions. With several hosts,
+    each process yields only its own slice of each batch (`process`: index, count).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None,
@@ -144,6 +146,8 @@ class ImageBatches(keras.utils.PyDataset):
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.images))
 
     def __len__(self) -> int:
+        if self.shuffle and len(self.images) % self.batch_size < self.replicas:
+            return max(1, len(self.images) // self.batch_size)  # a last batch too small to split is left out
         return math.ceil(len(self.images) / self.batch_size)
 
     def inputs(self, picked: np.ndarray):
@@ -152,24 +156,31 @@ class ImageBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         picked = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        if self.shuffle:
+            picked = picked[:len(picked) - len(picked) % self.replicas]
         real = len(picked)
         padding = -real % self.replicas
         if padding:
             picked = np.concatenate([picked, np.resize(picked, padding)])
         weights = None
-        if self.labels is not None and (self.weights is not None or padding):
+        # Split across devices every batch carries weights (JAX fixes the batch's structure at the first one).
+        if self.labels is not None and (self.weights is not None or self.replicas > 1):
             weights = self.weights[picked] if self.weights is not None else np.ones(len(picked), dtype=np.float32)
             weights[real:] = 0.0  # padding: counted by no loss and no metric
+        labels = None if self.labels is None else self.labels[picked]
+        if labels is not None and padding:
+            labels[real:] = -1  # padding: the loss leaves it out (IndexCrossentropy)
         if self.process_count > 1:
             share = len(picked) // self.process_count
             mine = slice(self.process_index * share, (self.process_index + 1) * share)
             picked, weights = picked[mine], None if weights is None else weights[mine]
+            labels = None if labels is None else labels[mine]
         inputs = self.inputs(picked)
-        if self.labels is None:
+        if labels is None:
             return (inputs,)
         if weights is None:
-            return inputs, self.labels[picked]
-        return inputs, self.labels[picked], weights
+            return inputs, labels
+        return inputs, labels, weights
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
@@ -287,7 +298,11 @@ def build_optimizer(name: str, learning_rate: float, schedule: str, epochs: int,
 
 class IndexCrossentropy(keras.losses.Loss):
     """Cross-entropy with label smoothing for class indices: the one-hot targets label smoothing needs
-    are made inside the compiled step, on the device, so a batch carries one integer per image."""
+    are made inside the compiled step, on the device, so a batch carries one integer per image.
+
+    Index -1 marks padding (see ImageBatches): it adds nothing, and a batch's
+    mean is taken over its real images only, as it would be on one device.
+    """
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.0, name: str = "crossentropy", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -295,12 +310,29 @@ class IndexCrossentropy(keras.losses.Loss):
         self.label_smoothing = float(label_smoothing)
 
     def call(self, y_true, y_pred):
-        indices = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
-        one_hot = keras.ops.one_hot(indices, self.num_classes, dtype=y_pred.dtype)
-        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+        ops = keras.ops
+        indices = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+        one_hot = ops.one_hot(ops.maximum(indices, 0), self.num_classes, dtype=y_pred.dtype)
+        losses = keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+        real = ops.cast(indices >= 0, losses.dtype)
+        # Keras divides the batch's sum by its size; scale so that it is divided by the real images' count
+        # (the factor is exactly 1 for a batch without padding).
+        return losses * real * (ops.cast(ops.size(real), losses.dtype) / ops.maximum(ops.sum(real), 1.0))
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "label_smoothing": self.label_smoothing}
+
+
+class IndexAccuracy(keras.metrics.SparseCategoricalAccuracy):
+    """Accuracy over class indices that leaves padding (index -1, see ImageBatches) out.
+
+    (A metric given to compile() ignores sample weights, which is right for
+    class weights but would count the padding.)
+    """
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        real = keras.ops.cast(keras.ops.reshape(y_true, (-1,)) >= 0, "float32")
+        return super().update_state(y_true, y_pred, sample_weight=real)
 
 
 def compile_classifier(model: keras.Model, optimizer, label_smoothing: float = 0.0, jit_compile: bool = False) -> None:
@@ -314,7 +346,7 @@ def compile_classifier(model: keras.Model, optimizer, label_smoothing: float = 0
     model.compile(
         optimizer=optimizer,
         loss=IndexCrossentropy(model.output_shape[-1], label_smoothing),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        metrics=[IndexAccuracy(name="accuracy")],
         jit_compile=jit_compile,
     )
 
