@@ -65,6 +65,10 @@ test: setup keras-home
 bench: setup keras-home
 	python tests/benchmark.py
 
+# On a GPU machine: the backend and input-pipeline rows (JAX on every GPU), after setup installed the GPU stack.
+bench-gpu: setup keras-home
+	python tests/benchmark.py --only device
+
 # The HTTP API and upload page on http://127.0.0.1:$(PORT)/ (model, host and upload limit from params.yaml).
 PORT ?= 8000
 serve: setup

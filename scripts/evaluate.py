@@ -11,6 +11,7 @@ For each model in models/ (cnn, transfer: whichever exist) it writes
 import numpy as np
 import pandas as pd
 
+from imgcls import device
 from imgcls.dataset import REPORTS_DIR, atomic_path, load_class_names, load_manifest, load_split, write_csv, write_json
 from imgcls.errors import UserError, run_stage
 from imgcls.modelio import MODEL_NAMES, PRODUCED_BY, model_path
@@ -130,6 +131,7 @@ def main() -> None:
     if not (manifest["split"] == "test").any():
         raise UserError("the test split is empty: check the split fractions in params.yaml and run `dvc repro split`.")
 
+    device.choose_backend()
     from imgcls.modelio import load_model
     from imgcls.training import ImageBatches
 

@@ -18,6 +18,7 @@ import warnings
 
 import numpy as np
 
+from imgcls import device
 from imgcls.dataset import MODELS_DIR, REPORTS_DIR, atomic_path, load_split, write_json
 from imgcls.errors import UserError, run_stage
 from imgcls.params import load_params
@@ -98,6 +99,7 @@ def tflite_probabilities(content: bytes, pixels: np.ndarray) -> np.ndarray:
 def main() -> None:
     params = load_params()
     settings = params.export
+    device.choose_backend(required="tensorflow")  # TFLite conversion needs TensorFlow, whatever trained the model
     model_file = choose_model(settings.model)
     classifier = Classifier(model_file, batch_size=BATCH_SIZE)
     if classifier.image_size not in params.resize.sizes:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from imgcls import device
 from imgcls.dataset import REPORTS_DIR, atomic_path, write_csv
 from imgcls.errors import UserError, run_stage
 from imgcls.images import BadImage
@@ -167,6 +168,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     arguments = parse_arguments(argv)
     settings = load_params().predict_new
+    device.choose_backend()
     top_k = settings.top_k if arguments.top_k is None else arguments.top_k
     min_confidence = settings.min_confidence if arguments.min_confidence is None else arguments.min_confidence
     if top_k < 1:

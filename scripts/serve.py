@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from imgcls import device
 from imgcls.errors import UserError, run_stage
 from imgcls.images import BadImage
 from imgcls.params import load_params
@@ -191,6 +192,7 @@ def main(argv=None) -> None:
     if not 0 < arguments.port < 65536:
         raise UserError(f"port {arguments.port} is not a TCP port: set PORT (or --port) to 1..65535.")
     params = load_params()
+    device.choose_backend()
     model_file = choose_model(arguments.model or params.predict_new.model)
     classifier = Classifier(model_file, top_k=params.predict_new.top_k,
                             min_confidence=params.predict_new.min_confidence, batch_size=SERVE_BATCH,

@@ -164,7 +164,8 @@ def train_head(run, section, net, data, log, best) -> dict:
               f" in {timings['feature_seconds']:.1f} s")
         # A model around the head, so that the head nested in the saved classifier is never compiled
         # (a compiled layer would carry its loss and optimizer into models/transfer.keras).
-        model = keras.Model(net.head.inputs, net.head(net.head.inputs), name="head_on_features")
+        features = keras.Input(net.head.input_shape[1:], name="features")
+        model = keras.Model(features, net.head(features), name="head_on_features")
         train, val = data.batches(train_features, val_features, data.seed)
     else:
         model = transfer.with_augmentation(net.classifier, section.head.augment, data.seed, net.image_size)

@@ -87,8 +87,7 @@ class TrainingState:
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         _assign(model.optimizer.variables, _numbered(arrays, "optimizer"))
-        train.epoch = meta["epoch"]
-        train.order = train._order()
+        train.set_epoch(meta["epoch"])
         self.resumed_phase, self.stopped_early = phase, meta["stopped"]
         print(f"checkpoint: resuming phase {phase!r} after epoch {meta['epoch']} (from {self.path})")
         return meta["epoch"]

@@ -127,12 +127,13 @@ def _multi_host() -> bool:
     return all(os.environ.get(name) for name in MULTI_HOST_VARIABLES)
 
 
-def resolve_precision(setting: str) -> str:
-    """The mixed-precision policy for `setting`: `auto` is bfloat16 on GPUs of compute capability 8.0
-    or higher (Ampere and later), float32 ("none") anywhere else; other settings are kept as they are."""
+def resolve_precision(setting: str, devices: list | None = None) -> str:
+    """The mixed-precision policy for `setting`: `auto` is bfloat16 when every device is a GPU of compute
+    capability 8.0 or higher (Ampere and later: fast bfloat16 matrix units), float32 ("none") anywhere
+    else, the CPU included; any other setting is kept as it is. `devices` defaults to accelerators()."""
     if setting != "auto":
         return setting
-    devices = accelerators()
+    devices = accelerators() if devices is None else devices
     capable = [device for device in devices if device.platform == "gpu"
                and float(getattr(device, "compute_capability", 0) or 0) >= 8.0]
     return "bfloat16" if devices and len(capable) == len(devices) else "none"

@@ -71,10 +71,11 @@ def start_run(stage: str, section, seed: int, distribution: str, image_size: int
     are read here). Call it before building the model: the precision policy and
     the distribution apply to the variables the model creates.
     """
+    # First: joining the other hosts (if any) must come before anything else touches the devices.
+    replicas = device.distribute(distribution, {f"{stage}.batch_size": section.batch_size})
     seed_everything(seed)
     precision = device.resolve_precision(section.mixed_precision)
     set_precision(precision)
-    replicas = device.distribute(distribution, {f"{stage}.batch_size": section.batch_size})
     report = device.describe(precision, replicas, section.batch_size)
     print(f"{stage}: {device.summary(report)}")
     settings = {"seed": seed, "params": section.model_dump(), "image_size": image_size, "device": report}
@@ -89,8 +90,8 @@ class ImageBatches(keras.utils.PyDataset):
     uint8 is a quarter of float32's bytes on the way to a GPU; the model casts
     them itself, and the loss one-hot encodes the indices inside the compiled
     step (see compile_classifier). With `shuffle`, each epoch visits the images
-    in a new order drawn from (seed, epoch number), so a rerun (or a resumed run:
-    `start_epoch`) sees the same batches. Without labels the batches hold images
+    in a new order drawn from (seed, epoch number), so a rerun (or a resumed run,
+    after `set_epoch`) sees the same batches. Without labels the batches hold images
     only (for `model.predict`). With `class_weights` ({class index: weight}) each
     batch also carries per-image loss weights.
 
@@ -105,7 +106,7 @@ class ImageBatches(keras.utils.PyDataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None,
                  batch_size: int = 32, shuffle: bool = False, seed: int = 0, class_weights: dict | None = None,
-                 replicas: int = 1, process: tuple[int, int] = (0, 1), start_epoch: int = 0):
+                 replicas: int = 1, process: tuple[int, int] = (0, 1)):
         # Two threads, no processes: batches are cheap slices of arrays in memory.
         # With more than one worker Keras fetches batches with its ordered enqueuer
         # (same order, so the same metrics) and switches off tf.data's autotuned
@@ -133,7 +134,7 @@ class ImageBatches(keras.utils.PyDataset):
         self.seed = seed
         self.replicas = replicas
         self.process_index, self.process_count = process
-        self.epoch = start_epoch
+        self.epoch = 0
         self.weights = None
         if class_weights is not None and self.labels is not None:
             lookup = np.array([class_weights.get(index, 1.0) for index in range(num_classes)], dtype=np.float32)
@@ -183,7 +184,11 @@ class ImageBatches(keras.utils.PyDataset):
         return inputs, labels, weights
 
     def on_epoch_end(self) -> None:
-        self.epoch += 1
+        self.set_epoch(self.epoch + 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Continue from epoch `epoch` (0-based): its order, and for CachedBatches its versions."""
+        self.epoch = epoch
         self.order = self._order()
 
 

@@ -1,0 +1,258 @@
+"""Device, backend, precision and distribution choices (imgcls/device.py), and resuming a killed training.
+
+No GPU is needed: a fake `nvidia-smi` on PATH stands for one in the install
+plan, and JAX's virtual CPU devices (JAX_NUM_CPU_DEVICES=4) stand for several
+accelerators in data-parallel training.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO, TINY_CNN, TINY_TRANSFER, make_dataset, stage_env
+
+FOUR_DEVICES = {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
+ONE_DEVICE = {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
+
+
+def fake_nvidia_smi(folder: Path, listing: str = "NVIDIA H200, 9.0", exit_code: int = 0) -> dict:
+    """An environment whose PATH starts with a `nvidia-smi` that prints `listing` (as --query-gpu does)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\nprintf '%s\\n' '{listing}'\nexit {exit_code}\n")
+    script.chmod(0o755)
+    env = stage_env()
+    env["PATH"] = f"{folder}{os.pathsep}{env['PATH']}"
+    env.pop("KERAS_BACKEND", None)
+    env.pop("IMGCLS_DEVICE", None)
+    return env
+
+
+def make_env(env: dict, *arguments: str) -> str:
+    result = subprocess.run(["make", "--no-print-directory", "env", *arguments], cwd=REPO, env=env,
+                            capture_output=True, text=True)
+    return result.stdout + result.stderr
+
+
+# --- the install plan -----------------------------------------------------------------------------------------
+
+def test_without_a_gpu_make_env_plans_the_cpu_stack(tmp_path):
+    env = fake_nvidia_smi(tmp_path / "bin", listing="NVIDIA-SMI has failed: no driver", exit_code=9)
+    plan = make_env(env)
+    assert "device:        cpu (no working nvidia-smi" in plan
+    assert "install:       requirements.txt" in plan and "KERAS_BACKEND: tensorflow" in plan
+    assert "AVX" in plan or "cores" in plan  # the CPU is named beside every timing
+
+
+def test_a_working_nvidia_smi_plans_the_gpu_stack_and_device_cpu_overrides_it(tmp_path):
+    env = fake_nvidia_smi(tmp_path / "bin", listing="NVIDIA H200, 9.0\nNVIDIA H200, 9.0")
+    plan = make_env(env)
+    assert "device:        gpu (nvidia-smi lists 2 GPU(s)" in plan
+    assert "NVIDIA H200 (compute capability 9)" in plan
+    assert "install:       requirements-gpu.txt" in plan and "KERAS_BACKEND: jax" in plan
+    dry_run = subprocess.run(["make", "-n", "setup"], cwd=REPO, env=env, capture_output=True, text=True).stdout
+    assert ".installed-gpu" in dry_run or dry_run == ""  # up to date when this venv already has the GPU stack
+    assert "device:        cpu (IMGCLS_DEVICE=cpu)" in make_env(env, "DEVICE=cpu")
+    assert "must be one of auto, cpu, gpu" in make_env(env, "DEVICE=tpu")
+    assert "jax[cuda13]" in (REPO / "requirements-gpu.txt").read_text()
+
+
+def test_on_the_gpu_plan_without_jax_cuda_a_stage_says_what_to_do(prepared, tmp_path):
+    env = fake_nvidia_smi(tmp_path / "bin")
+    result = prepared.run(sys.executable, "scripts/train_cnn.py", check=False, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "JAX's CUDA plugin is not installed: run `make setup`" in result.stderr
+    assert "IMGCLS_DEVICE=cpu" in result.stderr
+
+
+def test_mixed_precision_auto_is_bfloat16_only_on_ampere_or_newer_gpus():
+    from imgcls.device import resolve_precision
+
+    h200, t4 = (SimpleNamespace(platform="gpu", compute_capability=capability) for capability in ("9.0", "7.5"))
+    cpu = SimpleNamespace(platform="cpu")
+    assert resolve_precision("auto", [h200, h200]) == "bfloat16"
+    assert resolve_precision("auto", [t4]) == "none"
+    assert resolve_precision("auto", [cpu]) == "none"
+    assert resolve_precision("auto", []) == "none"  # TensorFlow on a CPU
+    assert resolve_precision("float16", [cpu]) == "float16"  # an explicit setting wins
+
+
+# --- data-parallel training on virtual devices ----------------------------------------------------------------
+
+def test_validation_batches_are_padded_and_training_batches_trimmed_to_split_across_devices():
+    from imgcls.training import ImageBatches
+
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(3, axis=3)
+    labels = np.arange(10) % 3
+    val = ImageBatches(images, labels, 3, batch_size=6, replicas=4)
+    assert val.batch_size == 8 and len(val) == 2  # rounded up to a multiple of the devices
+    pixels, targets, weights = val[1]
+    assert len(pixels) == 4 and targets.tolist() == [2, 0, -1, -1] and weights.tolist() == [1, 1, 0, 0]
+    train = ImageBatches(images, labels, 3, batch_size=4, shuffle=True, replicas=4)
+    assert len(train) == 2 and all(len(train[index][0]) == 4 for index in range(2))  # the last 2 wait for next epoch
+    halves = [ImageBatches(images, labels, 3, batch_size=8, replicas=4, process=(process, 2))[1] for process in (0, 1)]
+    assert [half[1].tolist() for half in halves] == [[2, 0], [-1, -1]]  # each host feeds its own slice
+
+
+def test_the_padding_changes_neither_loss_nor_accuracy():
+    import keras
+
+    from imgcls.training import ImageBatches, compile_classifier
+
+    images = np.random.default_rng(0).integers(0, 255, (6, 4, 4, 3)).astype(np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax", kernel_initializer="ones")])
+    compile_classifier(model, "sgd", label_smoothing=0.1)
+    plain = model.evaluate(ImageBatches(images, labels, 3, batch_size=64), verbose=0, return_dict=True)
+    padded = model.evaluate(ImageBatches(images, labels, 3, batch_size=64, replicas=4), verbose=0, return_dict=True)
+    assert padded["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    assert padded["accuracy"] == pytest.approx(plain["accuracy"])
+
+
+def _val_scores(project) -> tuple[float, float]:
+    metrics = json.loads((project.root / "reports/cnn/train.json").read_text())
+    return metrics["val_accuracy"], metrics["val_loss"]
+
+
+def test_train_cnn_on_four_virtual_devices_matches_one_device(project, tmp_path):
+    # 13 photos per class: 24 training images, so every batch of 8 splits evenly over 4 devices and the
+    # runs differ only in the order of floating-point sums (measured: equal to 4 decimals).
+    project.set_params(**{"data.source": str(make_dataset(tmp_path / "even", per_class=13)), **TINY_CNN})
+    for name in ("data", "resize", "split"):
+        project.stage(name)
+    project.stage("train_cnn", env=ONE_DEVICE)
+    one = _val_scores(project)
+    result = project.stage("train_cnn", env=FOUR_DEVICES)
+    assert "data-parallel over 4 devices, global batch 8" in result.stdout
+    four = _val_scores(project)
+    assert four[0] == pytest.approx(one[0], abs=1e-6) and four[1] == pytest.approx(one[1], abs=1e-3)
+    trained_on = json.loads((project.root / "models/cnn.json").read_text())["trained_on"]
+    assert trained_on["replicas"] == 4 and trained_on["distribution"] == "data-parallel"
+    assert trained_on["backend"] == "jax" and trained_on["global_batch"] == 8
+    project.stage("evaluate", env=FOUR_DEVICES)
+
+
+def test_train_transfer_on_four_virtual_devices_with_uneven_batches(prepared):
+    # 21 training and 6 validation images: the last training batch is trimmed and validation padded.
+    prepared.set_params(**TINY_TRANSFER)
+    result = prepared.stage("train_transfer", env=FOUR_DEVICES)
+    assert "data-parallel over 4 devices" in result.stdout
+    history = pd.read_csv(prepared.root / "reports/transfer/history.csv")
+    assert set(history["phase"]) == {"head", "fine-tune"}
+    # 6 validation images: every accuracy is a whole number of sixths, so the padding was not counted.
+    assert all(abs(value * 6 - round(value * 6)) < 1e-4 for value in history["val_accuracy"])
+
+
+def test_a_batch_size_that_does_not_divide_by_the_devices_names_the_key(prepared):
+    prepared.set_params(**{**TINY_CNN, "train_cnn.batch_size": 6})
+    result = prepared.stage("train_cnn", check=False, env=FOUR_DEVICES)
+    assert result.returncode == 2
+    assert "train_cnn.batch_size = 6" in result.stderr and "multiple of 4" in result.stderr
+    prepared.set_params(**{"distribution": "none"})
+    assert "global batch 6" in prepared.stage("train_cnn", env=FOUR_DEVICES).stdout  # one device: any size
+
+
+# --- resuming a killed training -------------------------------------------------------------------------------
+
+def _kill_after_first_checkpoint(project) -> None:
+    """Start train_cnn, and SIGKILL it once it has saved the state of an epoch (before its last one)."""
+    state = project.root / ".checkpoints/train_cnn.npz"
+    process = subprocess.Popen([sys.executable, "scripts/train_cnn.py"], cwd=project.root, env=stage_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state.exists(), "train_cnn ended before saving any epoch's state"
+
+
+def test_a_killed_train_cnn_resumes_and_ends_as_if_never_interrupted(prepared):
+    prepared.set_params(**{**TINY_CNN, "train_cnn.epochs": 4})
+    prepared.stage("train_cnn")
+    uninterrupted = pd.read_csv(prepared.root / "reports/cnn/history.csv").drop(columns="seconds")
+    summary = json.loads((prepared.root / "reports/cnn/train.json").read_text())
+    assert not (prepared.root / ".checkpoints/train_cnn.npz").exists()  # a finished stage cleans up
+
+    _kill_after_first_checkpoint(prepared)
+    result = prepared.stage("train_cnn")
+    resumed_after = int(result.stdout.split("resuming phase 'train' after epoch ")[1].split()[0])
+    assert 1 <= resumed_after < 4
+    resumed = pd.read_csv(prepared.root / "reports/cnn/history.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(resumed, uninterrupted)
+    again = json.loads((prepared.root / "reports/cnn/train.json").read_text())
+    for key in ("val_accuracy", "val_loss", "best_epoch", "epochs_run"):
+        assert again[key] == summary[key]
+    live = (prepared.root / "reports/cnn/live/plots/metrics/val/loss.tsv").read_text().splitlines()
+    assert len(live) == 1 + 4  # DVCLive's curve holds every epoch once
+    assert not (prepared.root / ".checkpoints/train_cnn.npz").exists()
+
+
+def test_a_state_saved_under_other_params_is_never_used(prepared):
+    prepared.set_params(**{**TINY_CNN, "train_cnn.epochs": 4})
+    _kill_after_first_checkpoint(prepared)
+    prepared.set_params(**{"train_cnn.learning_rate": 0.02})
+    result = prepared.stage("train_cnn")
+    assert "was made with other params, data or devices; training from the start" in result.stdout
+    assert "resuming" not in result.stdout
+    assert len(pd.read_csv(prepared.root / "reports/cnn/history.csv")) == 4
+
+
+def test_a_killed_train_transfer_resumes_in_its_second_phase(prepared):
+    prepared.set_params(**{**TINY_TRANSFER, "train_transfer.fine_tune.epochs": 3})
+    prepared.stage("train_transfer")
+    uninterrupted = pd.read_csv(prepared.root / "reports/transfer/history.csv").drop(columns="seconds")
+    state = prepared.root / ".checkpoints/train_transfer.npz"
+    process = subprocess.Popen([sys.executable, "scripts/train_transfer.py"], cwd=prepared.root, env=stage_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None:  # wait for the first saved epoch of phase 2
+        if state.exists() and "fine-tune" in json.loads(str(np.load(state)["meta"]))["phases"]:
+            process.send_signal(signal.SIGKILL)
+        time.sleep(0.01)
+    result = prepared.stage("train_transfer")
+    assert "resuming phase 'fine-tune'" in result.stdout
+    resumed = pd.read_csv(prepared.root / "reports/transfer/history.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(resumed, uninterrupted)
+
+
+# --- several hosts ----------------------------------------------------------------------------------------------
+
+def test_two_processes_with_a_real_coordinator_train_one_model_like_one_device(project, tmp_path):
+    # Two "hosts" on localhost, each with its own copy of the project and 2 virtual devices, joined by
+    # jax.distributed through Keras' KERAS_DISTRIBUTION_* variables (collectives over Gloo on the CPU).
+    import shutil
+    import socket
+
+    project.set_params(**{"data.source": str(make_dataset(tmp_path / "even", per_class=13)), **TINY_CNN})
+    for name in ("data", "resize", "split"):
+        project.stage(name)
+    project.stage("train_cnn", env=ONE_DEVICE)
+    one = _val_scores(project)
+    hosts = [project.root, tmp_path / "second_host"]
+    shutil.copytree(project.root, hosts[1])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    shared = {**stage_env(), "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
+              "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port},127.0.0.1:{port + 1}",
+              "KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}
+    processes = [subprocess.Popen([sys.executable, "scripts/train_cnn.py"], cwd=root, text=True,
+                                  env={**shared, "KERAS_DISTRIBUTION_PROCESS_ID": str(index)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for index, root in enumerate(hosts)]
+    outputs = [process.communicate(timeout=1200)[0] for process in processes]
+    assert all(process.returncode == 0 for process in processes), outputs
+    assert "data-parallel over 4 devices on 2 hosts, global batch 8" in outputs[0]
+    assert (hosts[0] / "models/cnn.keras").read_bytes() == (hosts[1] / "models/cnn.keras").read_bytes()
+    two_hosts = _val_scores(project)
+    assert two_hosts[0] == pytest.approx(one[0], abs=1e-6) and two_hosts[1] == pytest.approx(one[1], abs=1e-3)
