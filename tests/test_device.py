@@ -124,14 +124,19 @@ def _val_scores(project) -> tuple[float, float]:
     return metrics["val_accuracy"], metrics["val_loss"]
 
 
-def test_train_cnn_on_four_virtual_devices_matches_one_device(project, tmp_path):
-    # 13 photos per class: 24 training images, so every batch of 8 splits evenly over 4 devices and the
-    # runs differ only in the order of floating-point sums (measured: equal to 4 decimals).
-    project.set_params(**{"data.source": str(make_dataset(tmp_path / "even", per_class=13)), **TINY_CNN})
+def _one_device_run_on_even_batches(project, folder: Path) -> tuple[float, float]:
+    """Train the tiny CNN on one JAX device, on 13 photos per class: 24 training images, so every batch of
+    8 splits evenly over 2 or 4 devices, and runs on several devices differ from this one only in the
+    order of floating-point sums (measured: equal to 4 decimals). Returns its validation scores."""
+    project.set_params(**{"data.source": str(make_dataset(folder, per_class=13)), **TINY_CNN})
     for name in ("data", "resize", "split"):
         project.stage(name)
     project.stage("train_cnn", env=ONE_DEVICE)
-    one = _val_scores(project)
+    return _val_scores(project)
+
+
+def test_train_cnn_on_four_virtual_devices_matches_one_device(project, tmp_path):
+    one = _one_device_run_on_even_batches(project, tmp_path / "even")
     result = project.stage("train_cnn", env=FOUR_DEVICES)
     assert "data-parallel over 4 devices, global batch 8" in result.stdout
     four = _val_scores(project)
@@ -233,11 +238,7 @@ def test_two_processes_with_a_real_coordinator_train_one_model_like_one_device(p
     import shutil
     import socket
 
-    project.set_params(**{"data.source": str(make_dataset(tmp_path / "even", per_class=13)), **TINY_CNN})
-    for name in ("data", "resize", "split"):
-        project.stage(name)
-    project.stage("train_cnn", env=ONE_DEVICE)
-    one = _val_scores(project)
+    one = _one_device_run_on_even_batches(project, tmp_path / "even")
     hosts = [project.root, tmp_path / "second_host"]
     shutil.copytree(project.root, hosts[1])
     with socket.socket() as probe:
