@@ -4,7 +4,7 @@ import shutil
 
 import pandas as pd
 
-from conftest import make_dataset
+from conftest import make_dataset, make_photo
 
 
 def manifest(project) -> pd.DataFrame:
@@ -92,6 +92,23 @@ def test_duplicates_a_predefined_split_leaks_are_reported(tmp_path, project):
     assert "puts 2 duplicate images in more than one split" in result.stdout
     leaks = pd.read_csv(project.root / "reports/split/duplicates_across_splits.csv")
     assert sorted(leaks["path"]) == ["test/class_0/leaked.png", "train/class_0/000.png"]
+
+
+def test_near_duplicates_a_predefined_split_leaks_are_reported(tmp_path, project):
+    source = make_dataset(tmp_path / "with_splits", per_class=6, splits=("train", "test"))
+    photo = make_photo(seed=1)
+    photo.save(source / "train/class_0/photo.png")
+    photo.save(source / "test/class_0/photo_reencoded.jpg", quality=75)
+    project.set_params(**{"data.source": str(source)})
+    for name in ("data", "resize"):
+        project.stage(name)
+    result = project.stage("split")
+    assert "puts 2 duplicate images in more than one split (2 of them near-duplicates)" in result.stdout
+    leaks = pd.read_csv(project.root / "reports/split/duplicates_across_splits.csv")
+    assert sorted(leaks["path"]) == ["test/class_0/photo_reencoded.jpg", "train/class_0/photo.png"]
+    assert set(leaks["duplicate_kind"]) == {"near-duplicate"}
+    summary = pd.read_json(project.root / "reports/split/summary.json", typ="series")
+    assert summary["near_duplicate_images_across_splits"] == 2
 
 
 def test_missing_upstream_output_names_the_stage(project):

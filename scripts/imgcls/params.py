@@ -36,6 +36,8 @@ class ResizeParams(Section):
     on_error: Literal["skip", "fail"]
     max_pixels: int = Field(ge=1)
     workers: int = Field(ge=0)
+    conflicting_labels: Literal["fail", "drop", "keep"]
+    near_duplicate_distance: int = Field(ge=0, le=32)  # bits of the 64-bit perceptual hash; 0 turns it off
 
     @field_validator("image_size", mode="plain")
     @classmethod
