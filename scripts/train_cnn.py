@@ -24,6 +24,7 @@ def main() -> None:
     import keras
 
     from imgcls import training
+    from imgcls.calibration import calibrate
     from imgcls.cnn import build_cnn, with_test_time_augmentation
 
     training.seed_everything(params.seed)
@@ -60,6 +61,7 @@ def main() -> None:
     card = training.model_card(NAME, class_names, params.resize, image_size, val_accuracy,
                                input_size=section.input_size, best_epoch=best.best_epoch,
                                test_time_flip=section.test_time_flip, test_time_shift=section.test_time_shift)
+    model, card = calibrate(model, card, val_pixels, val_labels, params.predict_new.target_coverage)
     training.save_trained_model(model, NAME, card)
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
                                               images_seen=best.epochs_seen * len(train_labels),

@@ -139,6 +139,8 @@ def main() -> None:
     seconds = time.perf_counter() - started
     card = training.model_card(NAME, class_names, params.resize, image_size, best.best_logs["val_accuracy"],
                                base=section.base, input_size=input_size, best_epoch=best.best_epoch)
+    from imgcls.calibration import calibrate
+    classifier, card = calibrate(classifier, card, val_pixels, val_labels, params.predict_new.target_coverage)
     training.save_trained_model(classifier, NAME, card)
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
                                               images_seen=len(train_labels) * best.epochs_seen,
