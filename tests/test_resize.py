@@ -210,3 +210,20 @@ def test_conflicting_labels_fail_stops_and_names_the_files(project):
     assert "2 images are the same picture under more than one class" in result.stderr
     assert "class_0/000.png, class_1/000_also.png" in result.stderr and "resize.conflicting_labels: drop" in result.stderr
     assert not (project.root / "data/resized/index.csv").exists()
+
+
+def test_the_bucketed_near_duplicate_search_finds_exactly_what_comparing_every_pair_finds():
+    from imgcls.near_duplicates import all_pairs, bucketed_pairs
+
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, 3000, dtype=np.uint64)
+    # Plant copies with 1 to 6 random bits flipped, so every distance up to 6 occurs.
+    flips = [np.bitwise_or.reduce(np.uint64(1) << rng.choice(64, size=count, replace=False).astype(np.uint64))
+             for count in rng.integers(1, 7, 500)]
+    hashes = np.concatenate([hashes, hashes[:500] ^ np.array(flips, dtype=np.uint64)])
+    for distance in (0, 1, 3, 4, 6):
+        bucketed, every = bucketed_pairs(hashes, distance), all_pairs(hashes, distance)
+        order = np.lexsort((every[1], every[0]))
+        for found, expected in zip(bucketed, every):
+            np.testing.assert_array_equal(found, expected[order])
+        assert len(bucketed[0]) > 0 or distance == 0

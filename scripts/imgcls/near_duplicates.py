@@ -8,17 +8,22 @@ half. Two images are near-duplicates when their hashes differ in at most
 `max_distance` bits (the Hamming distance).
 
 Resampling and the DCT are one matrix on each side, so hashing is two matrix
-products per image, and the search compares every hash with every later one
-in blocks of numpy operations (XOR and a bit count): 60,000 images take a few
-seconds, with memory bounded by the block size.
+products per image. The search never compares every pair: split into
+max_distance + 1 chunks of bits, two hashes that differ in at most
+max_distance bits agree exactly on at least one chunk (the pigeonhole
+principle), so only hashes that share a chunk's value (a bucket, found by
+sorting on it) are compared, all in numpy. For large distances, where buckets
+grow too coarse, every pair is compared in blocks of XOR and bit counts.
 """
 
 import numpy as np
 
 HASH_SIDE = 32  # the grey image the DCT is taken of
 LOW_FREQUENCIES = 8  # 8 x 8 coefficients: a 64-bit hash
-# Pairs compared per block of the search (bounds its memory: 8 bytes each for the XOR).
+# Pairs compared per block of the all-pairs search (bounds its memory: 8 bytes each for the XOR).
 BLOCK_PAIRS = 1 << 22
+# Up to this distance the search goes through buckets: chunks of at least 64 / 8 = 8 bits.
+BUCKETED_UP_TO = 7
 # ITU-R BT.601 luma weights, as Pillow's convert("L").
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -55,6 +60,43 @@ def perceptual_hashes(images: np.ndarray, chunk: int = 4096) -> np.ndarray:
 
 def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(first, second, distance) of every pair first < second whose hashes differ in at most `max_distance` bits."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    if max_distance <= BUCKETED_UP_TO:
+        return bucketed_pairs(hashes, max_distance)
+    return all_pairs(hashes, max_distance)
+
+
+def bucketed_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """near_pairs by the pigeonhole principle: compare only hashes that agree on one of max_distance + 1 chunks."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    found = [], []
+    bounds = np.linspace(0, 64, max_distance + 2).astype(int)
+    for low, high in zip(bounds[:-1], bounds[1:]):
+        chunk = (hashes >> np.uint64(low)) & np.uint64((1 << int(high - low)) - 1)
+        order = np.argsort(chunk, kind="stable")
+        ordered = chunk[order]
+        # In sorted order a bucket is a run of equal values: pair each position with the one `offset`
+        # later while they still share the run; no pair at one offset means none at any larger one.
+        offset = 1
+        while offset < len(ordered):
+            same = np.flatnonzero(ordered[:-offset] == ordered[offset:])
+            if not len(same):
+                break
+            first, second = order[same], order[same + offset]
+            close = np.bitwise_count(hashes[first] ^ hashes[second]) <= max_distance
+            found[0].append(np.minimum(first, second)[close])
+            found[1].append(np.maximum(first, second)[close])
+            offset += 1
+    if not found[0]:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
+    # A pair that agrees on several chunks was found once per chunk.
+    pairs = np.unique(np.stack([np.concatenate(found[0]), np.concatenate(found[1])], axis=1), axis=0)
+    first, second = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+    return first, second, np.bitwise_count(hashes[first] ^ hashes[second]).astype(np.uint8)
+
+
+def all_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """near_pairs by comparing every hash with every later one, in blocks."""
     hashes = np.asarray(hashes, dtype=np.uint64)
     count = len(hashes)
     found = [], [], []
