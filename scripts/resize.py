@@ -3,8 +3,8 @@
 Writes data/resized/images_<size>.npy for each size in resize.image_size (N x size
 x size x 3 uint8, memory-mappable) and data/resized/index.csv (one row per
 image: id = row in each array, path,
-label, predefined split, original size and mode, sha256, perceptual hash,
-duplicate group and kind, and whether `split` must leave the image out).
+label, predefined split, original size and mode, sha256, duplicate group
+and kind, and whether `split` must leave the image out).
 Unusable files are skipped and listed with their reason. Duplicates are found
 by bytes, by decoded pixels and, as near-duplicates, by a perceptual hash
 (imgcls/near_duplicates.py), so that `split` can keep each group together.
@@ -219,9 +219,9 @@ def main() -> None:
         # split leaves these rows out of every split.
         index["left_out"] = np.where(index["conflicting_labels"] & (params.conflicting_labels == "drop"),
                                      "conflicting labels", "")
-        written = index.drop(columns=["pixel_hash", "conflicting_labels"])
-        written["phash"] = [f"{value:016x}" for value in index["phash"]]
-        write_csv(INDEX_FILE, written)
+        # The hashes stay out of the index: split needs only the groups, and new pixels with the same
+        # groups then leave index.csv unchanged, so DVC skips split.
+        write_csv(INDEX_FILE, index.drop(columns=["pixel_hash", "phash", "conflicting_labels"]))
         write_csv(REPORT_DIR / "duplicates.csv", duplicates)
 
     metrics = {
