@@ -187,7 +187,7 @@ def plot_reliability(path, labels, before, after, metrics: dict, title: str) -> 
     axis.set_xlabel(f"mean confidence in the bin ({metrics['calibration_bins']} bins)")
     axis.set_ylabel("accuracy in the bin")
     axis.set_title(title, fontsize=10)
-    axis.legend(loc="upper left", fontsize=8)
+    axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=100)
