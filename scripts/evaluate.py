@@ -6,7 +6,18 @@ For each model in models/ (cnn, transfer: whichever exist) it writes
   reports/evaluate/per_class/<model>.csv|json precision, recall, F1 and support per class
   reports/evaluate/figures/<model>_confusion.png     confusion matrix with counts
   reports/evaluate/figures/<model>_misclassified.png the most confidently wrong test images
+  reports/evaluate/figures/<model>_reliability.png   reliability diagram, before and after the temperature
+  reports/evaluate/calibration/<model>.csv    accuracy and mean confidence per confidence bin: DVC plots data
+
+Beside the scores, metrics.json says how far each model's confidence can be
+trusted: the expected calibration error (ECE over 15 bins) with and without its
+temperature, coverage and accuracy on the answered photos at the `unknown`
+threshold (predict_new.min_confidence), and, with evaluate.ood_dir, the share of
+out-of-class photos flagged unknown and the AUROC of confidence between
+in-class test photos and those.
 """
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +30,7 @@ from imgcls.params import load_params
 
 REPORT_DIR = REPORTS_DIR / "evaluate"
 CONFUSION_DIR = REPORT_DIR / "confusion"
+CALIBRATION_DIR = REPORT_DIR / "calibration"
 PER_CLASS_DIR = REPORT_DIR / "per_class"
 FIGURES_DIR = REPORT_DIR / "figures"
 
@@ -111,12 +123,87 @@ def plot_misclassified(path, pixels, labels, probabilities, class_names: list[st
     return len(worst)
 
 
+def trust_scores(labels, probabilities, temperature: float, threshold: float) -> tuple[dict, np.ndarray]:
+    """Calibration and selective-prediction metrics of one model; also the probabilities without its temperature."""
+    from imgcls.calibration import CALIBRATION_BINS, expected_calibration_error, rescale, selective_scores
+
+    before = rescale(probabilities, 1 / temperature)  # undoes the model's Temperature layer
+    metrics = {
+        "ece": round(expected_calibration_error(probabilities, labels), 5),
+        "ece_before_temperature": round(expected_calibration_error(before, labels), 5),
+        "calibration_bins": CALIBRATION_BINS,
+        "temperature": temperature,
+        "min_confidence": round(threshold, 5),
+        **selective_scores(probabilities, labels, threshold),
+    }
+    return metrics, before
+
+
+def out_of_class_scores(model, card: dict, files: list[Path], in_class_confidence, threshold: float,
+                        batch_size: int) -> dict:
+    """Share of out-of-class photos flagged unknown, and the AUROC of confidence: in-class test photos vs those."""
+    from sklearn.metrics import roc_auc_score
+
+    from imgcls.images import BadImage
+    from imgcls.predict import decode_for_model
+    from imgcls.training import ImageBatches
+
+    decoded = []
+    for path in files:
+        try:
+            decoded.append(decode_for_model(path, card))
+        except BadImage:
+            pass  # counted below: an unreadable photo says nothing about the model
+    if not decoded:
+        raise UserError(f"evaluate.ood_dir holds no readable image: put photos of none of the classes there,"
+                        f" or set evaluate.ood_dir: \"\" to turn this off.")
+    confidence = model.predict(ImageBatches(np.stack(decoded), batch_size=batch_size), verbose=0).max(axis=1)
+    truth = np.concatenate([np.ones(len(in_class_confidence)), np.zeros(len(confidence))])
+    return {
+        "ood_images": len(decoded),
+        "ood_unreadable": len(files) - len(decoded),
+        "ood_unknown_share": float((confidence < threshold).mean()),
+        "ood_auroc": float(roc_auc_score(truth, np.concatenate([in_class_confidence, confidence]))),
+    }
+
+
+def plot_reliability(path, labels, before, after, metrics: dict, title: str) -> None:
+    """Reliability diagram: accuracy against mean confidence per bin, without and with the temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from imgcls.calibration import reliability
+
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for probabilities, name, ece in ((before, "without temperature", metrics["ece_before_temperature"]),
+                                     (after, f"temperature {metrics['temperature']:g}", metrics["ece"])):
+        table = reliability(probabilities, labels)
+        table = table[table["images"] > 0]
+        axis.plot(table["confidence"], table["accuracy"], marker="o", label=f"{name}: ECE {ece:.3f}")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel(f"mean confidence in the bin ({metrics['calibration_bins']} bins)")
+    axis.set_ylabel("accuracy in the bin")
+    axis.set_title(title, fontsize=10)
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+    plt.close(figure)
+
+
 def remove_stale(present: list[str]) -> None:
     """Drop the reports of models that are gone, so the report folders describe exactly the models scored."""
-    for folder in (CONFUSION_DIR, PER_CLASS_DIR, FIGURES_DIR):
+    for folder in (CONFUSION_DIR, PER_CLASS_DIR, FIGURES_DIR, CALIBRATION_DIR):
         if folder.is_dir():
             for path in folder.iterdir():
-                if path.is_file() and path.name.split(".")[0].removesuffix("_confusion").removesuffix("_misclassified") not in present:
+                model = path.name.split(".")[0]
+                for suffix in ("_confusion", "_misclassified", "_reliability"):
+                    model = model.removesuffix(suffix)
+                if path.is_file() and model not in present:
                     path.unlink()
 
 
@@ -132,8 +219,17 @@ def main() -> None:
         raise UserError("the test split is empty: check the split fractions in params.yaml and run `dvc repro split`.")
 
     device.choose_backend()
+    from imgcls.calibration import reliability
     from imgcls.modelio import load_model
+    from imgcls.predict import find_images, resolve_min_confidence
     from imgcls.training import ImageBatches
+
+    out_of_class = []
+    if section.ood_dir:
+        if not Path(section.ood_dir).is_dir():
+            raise UserError(f"evaluate.ood_dir = {section.ood_dir!r} is not a folder: point it at a folder of photos"
+                            " that belong to none of the classes, or set it to \"\" to turn this off.")
+        out_of_class = [path for path, _ in find_images([section.ood_dir], [])]
 
     results = {}
     for name in names:
@@ -148,6 +244,12 @@ def main() -> None:
         pixels, labels, _ = load_split("test", size, manifest)
         probabilities = model.predict(ImageBatches(pixels, batch_size=section.batch_size), verbose=0)
         metrics, per_class = score(labels, probabilities, class_names)
+        threshold = resolve_min_confidence(params.predict_new.min_confidence, card, model_path(name))
+        trust, before = trust_scores(labels, probabilities, float(card.get("temperature", 1.0)), threshold)
+        metrics |= trust
+        if out_of_class:
+            metrics |= out_of_class_scores(model, card, out_of_class, probabilities.max(axis=1), threshold,
+                                           section.batch_size)
         predicted = probabilities.argmax(axis=1)
         results[name] = metrics
 
@@ -160,8 +262,18 @@ def main() -> None:
                        f"{name}: test accuracy {metrics['accuracy']:.1%} ({len(labels)} images)")
         plot_misclassified(FIGURES_DIR / f"{name}_misclassified.png", pixels, labels, probabilities, class_names,
                            section.gallery_size, f"{name}: most confident mistakes on the test split")
+        write_csv(CALIBRATION_DIR / f"{name}.csv", reliability(probabilities, labels))
+        plot_reliability(FIGURES_DIR / f"{name}_reliability.png", labels, before, probabilities, metrics,
+                         f"{name}: reliability on the test split ({len(labels)} images)")
         print(f"evaluate {name}: accuracy {metrics['accuracy']:.4f}, top-3 {metrics['top3_accuracy']:.4f},"
               f" macro F1 {metrics['macro_f1']:.4f}, log loss {metrics['log_loss']:.4f}")
+        selective = metrics["selective_accuracy"]
+        print(f"evaluate {name}: ECE {metrics['ece_before_temperature']:.4f} without temperature,"
+              f" {metrics['ece']:.4f} with {metrics['temperature']:g}; at min_confidence {threshold:.4f}"
+              f" it answers {metrics['coverage']:.1%} of the test photos, "
+              + (f"{selective:.2%} of them right" if selective is not None else "none")
+              + (f"; flags {metrics['ood_unknown_share']:.1%} of {metrics['ood_images']} out-of-class photos"
+                 f" unknown, AUROC {metrics['ood_auroc']:.4f}" if out_of_class else ""))
 
     remove_stale(names)
     write_json(REPORT_DIR / "metrics.json", results)

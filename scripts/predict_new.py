@@ -26,35 +26,11 @@ from imgcls.errors import UserError, run_stage
 from imgcls.images import BadImage
 from imgcls.params import load_params
 from imgcls.modelio import load_card
-from imgcls.predict import MODEL_CHOICES, Classifier, choose_model
-from imgcls.sources import JUNK_NAMES
+from imgcls.predict import MODEL_CHOICES, Classifier, choose_model, find_images
 
 PREDICTIONS_FILE = REPORTS_DIR / "predictions.csv"
 # Photos decoded ahead of the model: enough to keep it busy, few enough to bound memory.
 DECODE_AHEAD_BATCHES = 4
-
-
-def find_images(inputs: list[Path | str], class_names: list[str]) -> list[tuple[Path, str]]:
-    """(file, true label or "") for every file in the given folders and files, in a stable order.
-
-    A file inside a sub-folder named after a class is labelled with that class.
-    """
-    found = []
-    for entry in map(Path, inputs):
-        if entry.is_file():
-            found.append((entry, ""))
-        elif entry.is_dir():
-            for path in sorted(entry.rglob("*")):
-                relative = path.relative_to(entry)
-                if not path.is_file() or any(part in JUNK_NAMES or part.startswith(".") for part in relative.parts):
-                    continue
-                label = relative.parts[0] if len(relative.parts) > 1 and relative.parts[0] in class_names else ""
-                found.append((path, label))
-        else:
-            raise UserError(f"{entry} not found: give existing image files or folders of images.")
-    if not found:
-        raise UserError(f"no files in {', '.join(map(str, inputs))}: put the photos to classify there.")
-    return found
 
 
 def predict_files(classifier: Classifier, files: list[tuple[Path, str]], workers: int = 2):
@@ -161,7 +137,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         " the figure goes beside it as .png")
     parser.add_argument("--model", help="cnn, transfer, best or a .keras path (default: predict_new.model)")
     parser.add_argument("--top-k", type=int, help="classes listed per image (default: predict_new.top_k)")
-    parser.add_argument("--min-confidence", type=float, help="below it a photo is 'unknown' (default: predict_new.min_confidence)")
+    parser.add_argument("--min-confidence", help="below it a photo is 'unknown': a number from 0 to 1, or auto (the"
+                        " threshold in the model card); default: predict_new.min_confidence")
     return parser.parse_args(argv)
 
 
@@ -173,8 +150,13 @@ def main(argv=None) -> None:
     min_confidence = settings.min_confidence if arguments.min_confidence is None else arguments.min_confidence
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}.")
-    if not 0 <= min_confidence <= 1:
-        raise UserError(f"--min-confidence must be between 0 and 1, got {min_confidence}.")
+    if min_confidence != "auto":
+        try:
+            min_confidence = float(min_confidence)
+        except ValueError:
+            min_confidence = -1.0
+        if not 0 <= min_confidence <= 1:
+            raise UserError(f"--min-confidence must be a number between 0 and 1 or auto, got {arguments.min_confidence}.")
     # Photos given on the command line are not the stage's input: keep its report out of their way.
     out = Path(arguments.out or ("predictions.csv" if arguments.images else PREDICTIONS_FILE))
     if out.suffix.lower() != ".csv":
@@ -195,7 +177,7 @@ def main(argv=None) -> None:
     frame, pixels_of = predict_files(classifier, files)
     write_csv(out, frame)
     figure = out.with_suffix(".png")
-    draw_grid(frame, pixels_of, figure, settings.figure_max_images, min_confidence)
+    draw_grid(frame, pixels_of, figure, settings.figure_max_images, classifier.min_confidence)
     print(f"predict_new with {model_file}: {summary(frame)}; wrote {out} and {figure}")
 
 

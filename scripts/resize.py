@@ -3,9 +3,14 @@
 Writes data/resized/images_<size>.npy for each size in resize.image_size (N x size
 x size x 3 uint8, memory-mappable) and data/resized/index.csv (one row per
 image: id = row in each array, path,
-label, predefined split, original size and mode, sha256, duplicate group).
-Unusable files are skipped and listed with their reason; duplicates are found
-by bytes and by decoded pixels so that `split` can keep them together.
+label, predefined split, original size and mode, sha256, duplicate group
+and kind, and whether `split` must leave the image out).
+Unusable files are skipped and listed with their reason. Duplicates are found
+by bytes, by decoded pixels and, as near-duplicates, by a perceptual hash
+(imgcls/near_duplicates.py), so that `split` can keep each group together.
+The same picture under two or more classes (conflicting labels) is reported
+and, by resize.conflicting_labels, stops the stage, is left out of every split
+(drop) or kept.
 """
 
 import contextlib
@@ -33,6 +38,7 @@ from imgcls.dataset import (
 )
 from imgcls.errors import UserError, run_stage
 from imgcls.images import BadImage, decode_image
+from imgcls.near_duplicates import hamming_distance, near_pairs, perceptual_hashes
 from imgcls.params import load_params
 
 REPORT_DIR = REPORTS_DIR / "resize"
@@ -79,24 +85,72 @@ def _list_raw_files() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _duplicate_groups(index: pd.DataFrame) -> pd.Series:
-    """Group id (lowest member id) of images whose decoded pixels are identical, else -1.
+def _duplicate_groups(index: pd.DataFrame, max_distance: int) -> pd.Series:
+    """Group id (lowest member id) of images that are identical or near-duplicates, else -1.
 
-    Byte-identical files decode to identical pixels, so one grouping by pixel
-    hash catches both kinds; the report tells them apart.
+    Byte-identical files decode to identical pixels, so grouping by pixel hash
+    catches both kinds; pairs whose perceptual hashes differ in at most
+    `max_distance` bits (none when it is 0) join their groups, transitively.
     """
-    group = index.groupby("pixel_hash")["id"].transform("min")
-    sizes = index.groupby("pixel_hash")["id"].transform("size")
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    identical_to = index.groupby("pixel_hash")["id"].transform("min").to_numpy()
+    first, second = index["id"].to_numpy(), identical_to
+    if max_distance > 0:
+        near_first, near_second, _ = near_pairs(index["phash"].to_numpy(), max_distance)
+        first, second = np.concatenate([first, near_first]), np.concatenate([second, near_second])
+    links = coo_matrix((np.ones(len(first)), (first, second)), shape=(len(index), len(index)))
+    _, component = connected_components(links, directed=False)
+    group = pd.Series(index["id"].to_numpy()).groupby(component).transform("min")
+    sizes = pd.Series(component).map(pd.Series(component).value_counts())
     return group.where(sizes > 1, -1)
+
+
+def _duplicate_kinds(index: pd.DataFrame) -> pd.Series:
+    """Per member of a group: byte-identical, pixel-identical or near-duplicate (the group's loosest kind)."""
+    members = index.groupby("duplicate_group")
+    kind = np.where(members["sha256"].transform("nunique") == 1, "byte-identical",
+                    np.where(members["pixel_hash"].transform("nunique") == 1, "pixel-identical", "near-duplicate"))
+    return pd.Series(np.where(index["duplicate_group"] >= 0, kind, ""), index=index.index)
+
+
+def _conflicting_labels(index: pd.DataFrame) -> pd.Series:
+    """True for each image whose identical pixels also sit under another class."""
+    return index.groupby("pixel_hash")["label"].transform("nunique") > 1
 
 
 def _duplicates_report(index: pd.DataFrame) -> pd.DataFrame:
     members = index[index["duplicate_group"] >= 0].copy()
-    same_bytes = members.groupby("duplicate_group")["sha256"].transform("nunique") == 1
-    members["kind"] = np.where(same_bytes, "byte-identical", "pixel-identical")
     members["labels_agree"] = members.groupby("duplicate_group")["label"].transform("nunique") == 1
-    columns = ["duplicate_group", "kind", "labels_agree", "id", "path", "label", "source_split"]
+    # Bits in which each member's perceptual hash differs from its group's first image's (0: identical).
+    first_hash = members.groupby("duplicate_group")["phash"].transform("first")
+    members["hash_distance"] = hamming_distance(members["phash"].to_numpy(), first_hash.to_numpy())
+    members = members.rename(columns={"duplicate_kind": "kind"})
+    columns = ["duplicate_group", "kind", "labels_agree", "conflicting_labels", "hash_distance", "id", "path", "label",
+               "source_split"]
     return members[columns].sort_values(["duplicate_group", "id"])
+
+
+def _check_conflicting_labels(index: pd.DataFrame, policy: str) -> None:
+    """Warn about (or stop at) identical images filed under more than one class."""
+    conflicting = index[index["conflicting_labels"]]
+    if conflicting.empty:
+        return
+    groups = conflicting["pixel_hash"].nunique()
+    if policy == "fail":
+        examples = "\n".join(f"  {', '.join(rows['path'])}"
+                             for _, rows in list(conflicting.groupby("pixel_hash", sort=False))[:10])
+        raise UserError(
+            f"{len(conflicting)} images are the same picture under more than one class ({groups} groups;"
+            f" resize.conflicting_labels is 'fail'):\n{examples}\n"
+            "Keep each picture under its one right class in the source (delete the wrong copies), or set"
+            " resize.conflicting_labels: drop (leave every copy out) or keep."
+        )
+    action = ("all copies are left out of every split" if policy == "drop"
+              else "they are kept, each group in one split, where one of each group's labels is wrong")
+    print(f"warning: {len(conflicting)} images are the same picture under more than one class ({groups} groups,"
+          f" labels_agree=False in {REPORT_DIR / 'duplicates.csv'}); resize.conflicting_labels is {policy!r}: {action}.")
 
 
 def _keep_rows(path: Path, rows: np.ndarray) -> None:
@@ -154,9 +208,20 @@ def main() -> None:
 
         index = usable.drop(columns=["reason"]).reset_index(drop=True)
         index.insert(0, "id", np.arange(len(index)))
-        index["duplicate_group"] = _duplicate_groups(index)
+        index["conflicting_labels"] = _conflicting_labels(index)
+        _check_conflicting_labels(index, params.conflicting_labels)
+        # The perceptual hash of each image's smallest array: the same whatever other sizes are listed.
+        index["phash"] = perceptual_hashes(np.load(outputs[params.sizes[0]], mmap_mode="r"))
+        index["duplicate_group"] = _duplicate_groups(index, params.near_duplicate_distance)
+        index["duplicate_kind"] = _duplicate_kinds(index)
         duplicates = _duplicates_report(index)
-        write_csv(INDEX_FILE, index.drop(columns=["pixel_hash"]))
+        near = duplicates[duplicates["kind"] == "near-duplicate"]
+        # split leaves these rows out of every split.
+        index["left_out"] = np.where(index["conflicting_labels"] & (params.conflicting_labels == "drop"),
+                                     "conflicting labels", "")
+        # The hashes stay out of the index: split needs only the groups, and new pixels with the same
+        # groups then leave index.csv unchanged, so DVC skips split.
+        write_csv(INDEX_FILE, index.drop(columns=["pixel_hash", "phash", "conflicting_labels"]))
         write_csv(REPORT_DIR / "duplicates.csv", duplicates)
 
     metrics = {
@@ -166,6 +231,10 @@ def main() -> None:
         "classes": int(index["label"].nunique()),
         "duplicate_groups": int(duplicates["duplicate_group"].nunique()),
         "duplicate_images": len(duplicates),
+        "near_duplicate_groups": int(near["duplicate_group"].nunique()),
+        "near_duplicate_images": len(near),
+        "conflicting_label_images": int(index["conflicting_labels"].sum()),
+        "left_out_images": int((index["left_out"] != "").sum()),
         "image_size": params.image_size,
     }
     write_json(REPORT_DIR / "metrics.json", metrics)
@@ -173,7 +242,9 @@ def main() -> None:
           f" {workers} workers)")
     sizes = " and ".join(f"{size}" for size in params.sizes)
     print(f"resize: {metrics['images']} images at {sizes} px, {metrics['skipped']} skipped,"
-          f" {metrics['duplicate_groups']} duplicate groups ({metrics['duplicate_images']} images)")
+          f" {metrics['duplicate_groups']} duplicate groups ({metrics['duplicate_images']} images), of which"
+          f" {metrics['near_duplicate_groups']} near-duplicate groups ({metrics['near_duplicate_images']} images;"
+          f" hash distance <= {params.near_duplicate_distance})")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 A split the source already has (CIFAR-10's test/, a dataset's valid/) is kept;
 only the missing splits are carved out of train/. A few photos per class are
-held out of all three and copied to data/holdout/ for predict_new to show. Duplicates found by `resize`
-move as one unit, so no photo can sit in train and test at once.
+held out of all three and copied to data/holdout/ for predict_new to show. Duplicates and
+near-duplicates found by `resize` move as one unit, so no photo can sit in train and test at once.
+Images `resize` marks as left out (the same picture under two classes, with
+resize.conflicting_labels: drop) go to no split at all.
 """
 
 import shutil
@@ -88,6 +90,8 @@ def main() -> None:
     params = load_params()
     # Class names and paths stay text even when they look like numbers (digits' classes are "0".."9").
     index = pd.read_csv(require(INDEX_FILE, "resize"), keep_default_na=False, dtype={"label": str, "path": str})
+    left_out = index[index["left_out"] != ""]
+    index = index[index["left_out"] == ""].copy()
     index["group"] = np.where(index["duplicate_group"] >= 0, index["duplicate_group"], index["id"])
     predefined = sorted(set(index["source_split"]) - {""})
     wanted = {"train": params.split.train, "val": params.split.val, "test": params.split.test}
@@ -132,18 +136,25 @@ def main() -> None:
     with atomic_path(CLASSES_FILE) as temporary:
         temporary.write_text("\n".join(class_names) + "\n")
     write_csv(REPORT_DIR / "counts.csv", counts.reset_index().rename(columns={"label": "class"}))
-    write_csv(REPORT_DIR / "duplicates_across_splits.csv", leaking[["id", "path", "label", "split", "duplicate_group"]])
+    write_csv(REPORT_DIR / "duplicates_across_splits.csv",
+              leaking[["id", "path", "label", "split", "duplicate_group", "duplicate_kind"]])
     summary = {
         "splits": {split: {"images": int((index["split"] == split).sum()), "how": how[split]} for split in SPLITS},
         "holdout": int((index["split"] == "holdout").sum()),
         "classes": len(class_names),
         "duplicate_images_across_splits": len(leaking),
+        "near_duplicate_images_across_splits": int((leaking["duplicate_kind"] == "near-duplicate").sum()),
+        "left_out_conflicting_labels": len(left_out),
     }
     write_json(REPORT_DIR / "summary.json", summary)
+    if len(left_out):
+        print(f"split: left out {len(left_out)} images filed under more than one class (resize.conflicting_labels:"
+              " drop), in no split; see reports/resize/duplicates.csv")
     print("split: " + ", ".join(f"{split} {value['images']} ({value['how']})" for split, value in summary["splits"].items()))
     if len(leaking):
-        print(f"warning: the source's own split puts {len(leaking)} duplicate images in more than one split;"
-              f" see {REPORT_DIR / 'duplicates_across_splits.csv'}")
+        near = summary["near_duplicate_images_across_splits"]
+        print(f"warning: the source's own split puts {len(leaking)} duplicate images in more than one split"
+              f" ({near} of them near-duplicates); see {REPORT_DIR / 'duplicates_across_splits.csv'}")
 
 
 if __name__ == "__main__":

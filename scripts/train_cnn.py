@@ -23,6 +23,7 @@ def main() -> None:
     # Keras is imported only now, so a bad params.yaml fails in a fraction of a second.
     device.choose_backend()
     from imgcls import training
+    from imgcls.calibration import calibrate
     from imgcls.cnn import build_cnn, with_test_time_augmentation
 
     run = training.start_run("train_cnn", section, params.seed, params.distribution, image_size)
@@ -58,6 +59,7 @@ def main() -> None:
                                input_size=section.input_size, best_epoch=best.best_epoch,
                                test_time_flip=section.test_time_flip, test_time_shift=section.test_time_shift,
                                trained_on=run.device)
+    model, card = calibrate(model, card, val, val_labels, params.predict_new.target_coverage)
     training.save_trained_model(model, NAME, card)
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
                                               images_seen=best.epochs_seen * len(train_labels),

@@ -34,6 +34,7 @@ def main() -> None:
     device.choose_backend()
     # Check the base and its input size before loading any data.
     from imgcls import training, transfer
+    from imgcls.calibration import calibrate
 
     input_size = transfer.resolve_input_size(section.base, section.input_size)
     transfer.check_weights_setting(section.base, section.weights)
@@ -61,7 +62,9 @@ def main() -> None:
     card = training.model_card(NAME, class_names, params.resize, image_size, best.best_logs["val_accuracy"],
                                base=section.base, input_size=input_size, best_epoch=best.best_epoch,
                                trained_on=run.device)
-    training.save_trained_model(net.classifier, NAME, card)
+    classifier, card = calibrate(net.classifier, card, data.run.batches(data.val_pixels, batch_size=64),
+                                 data.val_labels, params.predict_new.target_coverage)
+    training.save_trained_model(classifier, NAME, card)
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
                                               images_seen=len(data.train_labels) * best.epochs_seen,
                                               parameters=int(net.classifier.count_params()), trained_on=run.device,

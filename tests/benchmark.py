@@ -4,7 +4,9 @@ Runs in a throw-away copy of the project (a fresh git repo) so the working
 tree is never touched, and prints one markdown table. Needs the gear photos:
 a Keras cache holding gear_images.zip (KERAS_HOME, or `make bench KERAS_CACHE=...`).
 
-    python tests/benchmark.py [--only data,cnn,transfer,predict,device] [--keep DIR]
+    python tests/benchmark.py [--only data,cnn,transfer,predict,device,near_duplicates] [--keep DIR]
+
+The near_duplicates section needs no gear photos: it reads CIFAR-10 (tests/bench_near_duplicates.py).
 """
 
 import argparse
@@ -25,7 +27,9 @@ from PIL import Image
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path[:0] = [str(REPO / "scripts"), str(TESTS)]
-SECTIONS = ("data", "cnn", "transfer", "predict", "device")
+SECTIONS = ("data", "cnn", "transfer", "predict", "device", "near_duplicates")
+# Sections that need no data stages run in the workdir first.
+STANDALONE_SECTIONS = {"near_duplicates"}
 
 
 def environment() -> dict[str, str]:
@@ -202,7 +206,7 @@ def main() -> None:
     try:
         if "data" in sections:
             rows += data_rows(workdir)
-        else:
+        elif set(sections) - STANDALONE_SECTIONS:
             run([sys.executable, "-m", "dvc", "repro", "split"], workdir)
         for name in sections:
             if name == "data":

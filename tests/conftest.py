@@ -63,6 +63,18 @@ def make_dataset(root: Path, classes: int = 3, per_class: int = 12, size: int = 
     return root
 
 
+def make_photo(seed: int, width: int = 160, height: int = 120) -> Image.Image:
+    """A smooth, photo-like RGB image: soft coloured blobs on a plain background, with a little noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / width
+    pixels = np.zeros((height, width, 3)) + rng.uniform(60, 200, 3)
+    for _ in range(8):
+        centre, radius = rng.uniform(0, 1, 2) * (1, height / width), rng.uniform(0.08, 0.2)
+        blob = np.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2) / (2 * radius ** 2))
+        pixels += rng.uniform(-150, 150, 3) * blob[..., None]
+    return Image.fromarray(np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8))
+
+
 def tree_digest(root: Path) -> dict[str, bytes]:
     """Every file below `root` with its bytes: compare two digests to prove nothing changed."""
     return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}

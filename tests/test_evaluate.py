@@ -27,7 +27,11 @@ def test_evaluate_scores_each_model_present_side_by_side(prepared):
     metrics = json.loads((root / "reports/evaluate/metrics.json").read_text())
     assert list(metrics) == ["cnn"]
     cnn = metrics["cnn"]
-    assert set(cnn) == {"accuracy", "top3_accuracy", "macro_f1", "log_loss", "images"}
+    assert set(cnn) == {"accuracy", "top3_accuracy", "macro_f1", "log_loss", "images", "ece", "ece_before_temperature",
+                        "calibration_bins", "temperature", "min_confidence", "coverage", "selective_accuracy"}
+    assert cnn["ece"] == cnn["ece_before_temperature"] and cnn["min_confidence"] == 0.5  # the tiny card's
+    reliability = pd.read_csv(root / "reports/evaluate/calibration/cnn.csv")
+    assert len(reliability) == 15 and reliability["images"].sum() == cnn["images"]
     assert 0 <= cnn["accuracy"] <= cnn["top3_accuracy"] == 1.0  # three classes: the top 3 always hold the truth
     assert cnn["log_loss"] > 0
 
@@ -44,7 +48,7 @@ def test_evaluate_scores_each_model_present_side_by_side(prepared):
     assert per_class["f1"].mean() == pytest.approx(cnn["macro_f1"])
     as_json = json.loads((root / "reports/evaluate/per_class/cnn.json").read_text())
     assert as_json["class_1"]["support"] == int(per_class.loc[1, "support"])
-    for figure in ("cnn_confusion.png", "cnn_misclassified.png"):
+    for figure in ("cnn_confusion.png", "cnn_misclassified.png", "cnn_reliability.png"):
         assert (root / "reports/evaluate/figures" / figure).read_bytes()[:8] == PNG
 
     # A second model joins the same metrics file without any change to the stage, and `dvc metrics show` lists both.
@@ -98,3 +102,26 @@ def test_a_model_for_another_image_size_is_refused(prepared):
     assert result.returncode == 2
     assert "models/cnn.keras takes 16x16 images but resize.image_size is 32" in result.stderr
     assert "dvc repro train_cnn" in result.stderr
+
+
+def test_out_of_class_photos_are_scored_with_auroc(prepared, tmp_path):
+    from PIL import Image
+
+    root = prepared.root
+    train_on_project(root, "cnn")
+    # Photos of none of the classes: grey noise without any coloured square, and one unreadable file.
+    ood = tmp_path / "not_gear"
+    ood.mkdir()
+    rng = np.random.default_rng(5)
+    for number in range(8):
+        Image.fromarray(rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)).save(ood / f"{number}.jpg")
+    (ood / "broken.jpg").write_bytes(b"not a photo")
+    prepared.set_params(**{"evaluate.ood_dir": str(ood)})
+    result = prepared.stage("evaluate")
+    cnn = json.loads((root / "reports/evaluate/metrics.json").read_text())["cnn"]
+    assert cnn["ood_images"] == 8 and cnn["ood_unreadable"] == 1
+    assert 0 <= cnn["ood_unknown_share"] <= 1 and cnn["ood_auroc"] > 0.5
+    assert "out-of-class photos unknown, AUROC" in result.stdout
+    prepared.set_params(**{"evaluate.ood_dir": str(tmp_path / "missing")})
+    result = prepared.stage("evaluate", check=False)
+    assert result.returncode == 2 and "evaluate.ood_dir" in result.stderr and "is not a folder" in result.stderr

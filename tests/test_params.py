@@ -39,6 +39,17 @@ def test_the_repository_params_are_valid():
         ({"resize.aspect": "squash"}, "resize.aspect = 'squash': Input should be 'pad', 'center_crop' or 'stretch'"),
         ({"resize.background": [300, 0, 0]}, "background must be three integers in 0..255"),
         ({"split.test": 0}, "split.test = 0: Input should be greater than 0"),
+        ({"resize.conflicting_labels": "merge"},
+         "resize.conflicting_labels = 'merge': Input should be 'fail', 'drop' or 'keep'"),
+        ({"resize.near_duplicate_distance": 40}, "resize.near_duplicate_distance = 40: Input should be less than or equal to 32"),
+        ({"resize.near_duplicate_distance": -1}, "resize.near_duplicate_distance = -1: Input should be greater than or equal to 0"),
+        ({"predict_new.min_confidence": "sometimes"},
+         "predict_new.min_confidence = 'sometimes': must be a number from 0 to 1, or auto"),
+        ({"predict_new.min_confidence": 1.5}, "predict_new.min_confidence = 1.5: must be a number from 0 to 1, or auto"),
+        ({"predict_new.target_coverage": 0}, "predict_new.target_coverage = 0: Input should be greater than 0"),
+        ({"predict_new.target_coverage": 1.2}, "predict_new.target_coverage = 1.2: Input should be less than or equal to 1"),
+        ({"evaluate.ood_dir": None}, "evaluate.ood_dir: missing"),
+        ({"evaluate.ood_dir": 3}, "evaluate.ood_dir = 3: Input should be a valid string"),
     ],
 )
 def test_a_bad_value_is_named_with_what_is_allowed(tmp_path, changes, message):

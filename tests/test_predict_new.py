@@ -95,6 +95,26 @@ def test_stage_uses_params_best_model_and_flags_unknown(prepared, tmp_path):
     assert (frame.loc[~unknown, "predicted"] == frame.loc[~unknown, "best_guess"]).all()
 
 
+def test_min_confidence_auto_takes_the_threshold_from_the_model_card(prepared, tmp_path):
+    import json
+
+    train_on_project(prepared.root, "cnn")
+    photos = make_dataset(tmp_path / "holdout", classes=3, per_class=2, size=32, seed=9)
+    card_file = prepared.root / "models/cnn.json"
+    card = json.loads(card_file.read_text())
+    card_file.write_text(json.dumps({**card, "confidence_threshold": 1.0}))
+    prepared.set_params(**{"predict_new.input_dir": str(photos), "predict_new.min_confidence": "auto",
+                           "predict_new.model": "cnn"})
+    prepared.stage("predict_new")
+    frame = pd.read_csv(prepared.root / "reports" / "predictions.csv", keep_default_na=False)
+    assert ((frame["unknown"].astype(str) == "True") == (frame["confidence"].astype(float) < 1.0)).all()
+    # A model whose card has no threshold (trained before it was recorded) gets a clear message.
+    card_file.write_text(json.dumps({key: value for key, value in card.items() if key != "confidence_threshold"}))
+    result = prepared.stage("predict_new", check=False)
+    assert result.returncode == 2 and "has no confidence_threshold" in result.stderr
+    assert "dvc repro train_cnn" in result.stderr and "predict_new.min_confidence to a number" in result.stderr
+
+
 def test_choose_model(prepared, tmp_path):
     from imgcls.errors import UserError
     from imgcls.predict import choose_model

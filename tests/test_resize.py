@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from conftest import make_dataset, tree_digest
+from conftest import make_dataset, make_photo, tree_digest
 
 
 def add_bad_files(folder):
@@ -128,3 +128,102 @@ def test_predefined_split_layout_is_resized_with_its_split(tmp_path, project):
     project.stage("resize")
     index = pd.read_csv(project.root / "data/resized/index.csv")
     assert sorted(index["source_split"].unique()) == ["test", "train", "val"]
+
+
+def add_near_duplicates(folder, seed):
+    """A photo, its JPEG re-encode, a half-size copy and a copy with 5% of each side cropped off (centred)."""
+    photo = make_photo(seed)
+    width, height = photo.size
+    photo.save(folder / f"photo_{seed}.png")
+    photo.save(folder / f"photo_{seed}_reencoded.jpg", quality=75)
+    photo.resize((width // 2, height // 2)).save(folder / f"photo_{seed}_half.png")
+    photo.crop((width // 40, height // 40, width - width // 40, height - height // 40)).save(folder / f"photo_{seed}_crop.png")
+    return sorted(f"{folder.name}/{path.name}" for path in folder.glob(f"photo_{seed}*"))
+
+
+def test_near_duplicates_are_grouped_but_different_photos_of_a_class_are_not(project):
+    source = project.root.parent / "source"
+    first = add_near_duplicates(source / "class_0", seed=1)
+    second = add_near_duplicates(source / "class_1", seed=2)
+    for seed in range(10, 16):  # other photo-like images of class_0: never near-duplicates
+        make_photo(seed).save(source / "class_0" / f"other_{seed}.png")
+    project.stage("data")
+    result = project.stage("resize")
+    duplicates = pd.read_csv(project.root / "reports/resize/duplicates.csv")
+    groups = sorted(sorted(rows["path"]) for _, rows in duplicates.groupby("duplicate_group"))
+    assert groups == sorted([first, second])
+    assert set(duplicates["kind"]) == {"near-duplicate"} and duplicates["hash_distance"].max() <= 4
+    metrics = pd.read_json(project.root / "reports/resize/metrics.json", typ="series")
+    assert metrics["near_duplicate_groups"] == 2 and metrics["near_duplicate_images"] == 8
+    assert "2 near-duplicate groups (8 images" in result.stdout
+    # The split keeps each group in one split.
+    project.stage("split")
+    manifest = pd.read_csv(project.root / "data/split/manifest.csv").set_index("path")
+    index = pd.read_csv(project.root / "data/resized/index.csv").set_index("path")
+    holdout = sorted(index.index.difference(manifest.index))
+    for group in (first, second):
+        assert manifest.reindex(group)["split"].nunique() == 1 and not set(group) & set(holdout)
+    # 0 turns near-duplicate search off.
+    project.set_params(**{"resize.near_duplicate_distance": 0})
+    project.stage("resize")
+    assert pd.read_csv(project.root / "reports/resize/duplicates.csv").empty
+
+
+def copy_across_classes(project):
+    """The same picture filed under class_0 and class_1 (a labelling mistake), as users' folders contain them."""
+    source = project.root.parent / "source"
+    shutil.copyfile(source / "class_0" / "000.png", source / "class_1" / "000_also.png")
+    project.stage("data")
+    return ["class_0/000.png", "class_1/000_also.png"]
+
+
+def test_conflicting_labels_drop_leaves_every_copy_out_of_every_split(project):
+    copies = copy_across_classes(project)
+    result = project.stage("resize")
+    assert "warning: 2 images are the same picture under more than one class (1 groups" in result.stdout
+    assert "reports/resize/duplicates.csv" in result.stdout and "left out of every split" in result.stdout
+    metrics = pd.read_json(project.root / "reports/resize/metrics.json", typ="series")
+    assert metrics["conflicting_label_images"] == 2 and metrics["left_out_images"] == 2
+    duplicates = pd.read_csv(project.root / "reports/resize/duplicates.csv")
+    assert sorted(duplicates["path"]) == copies and not duplicates["labels_agree"].any()
+    split = project.stage("split")
+    assert "left out 2 images filed under more than one class" in split.stdout
+    manifest = pd.read_csv(project.root / "data/split/manifest.csv")
+    assert not set(copies) & set(manifest["path"]) and len(manifest) == 37 - 2
+
+
+def test_conflicting_labels_keep_keeps_them_in_one_split(project):
+    copies = copy_across_classes(project)
+    project.set_params(**{"resize.conflicting_labels": "keep"})
+    result = project.stage("resize")
+    assert "warning: 2 images are the same picture under more than one class" in result.stdout
+    project.stage("split")
+    manifest = pd.read_csv(project.root / "data/split/manifest.csv").set_index("path")
+    assert manifest.reindex(copies)["split"].nunique() == 1
+
+
+def test_conflicting_labels_fail_stops_and_names_the_files(project):
+    copy_across_classes(project)
+    project.set_params(**{"resize.conflicting_labels": "fail"})
+    result = project.stage("resize", check=False)
+    assert result.returncode == 2
+    assert "2 images are the same picture under more than one class" in result.stderr
+    assert "class_0/000.png, class_1/000_also.png" in result.stderr and "resize.conflicting_labels: drop" in result.stderr
+    assert not (project.root / "data/resized/index.csv").exists()
+
+
+def test_the_bucketed_near_duplicate_search_finds_exactly_what_comparing_every_pair_finds():
+    from imgcls.near_duplicates import all_pairs, bucketed_pairs
+
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, 3000, dtype=np.uint64)
+    # Plant copies with 1 to 6 random bits flipped, so every distance up to 6 occurs.
+    flips = [np.bitwise_or.reduce(np.uint64(1) << rng.choice(64, size=count, replace=False).astype(np.uint64))
+             for count in rng.integers(1, 7, 500)]
+    hashes = np.concatenate([hashes, hashes[:500] ^ np.array(flips, dtype=np.uint64)])
+    for distance in (0, 1, 3, 4, 6):
+        bucketed, every = bucketed_pairs(hashes, distance), all_pairs(hashes, distance)
+        order = np.lexsort((every[1], every[0]))
+        for found, expected in zip(bucketed, every):
+            np.testing.assert_array_equal(found, expected[order])
+        assert len(bucketed[0]) > 0 or distance == 0

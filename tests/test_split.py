@@ -3,8 +3,9 @@
 import shutil
 
 import pandas as pd
+import pytest
 
-from conftest import make_dataset
+from conftest import make_dataset, make_photo
 
 
 def manifest(project) -> pd.DataFrame:
@@ -82,16 +83,34 @@ def test_a_predefined_split_is_kept_and_only_validation_is_carved(tmp_path, proj
     assert summary["splits"]["val"]["how"] == "carved from train"
 
 
-def test_duplicates_a_predefined_split_leaks_are_reported(tmp_path, project):
-    source = make_dataset(tmp_path / "with_splits", per_class=6, splits=("train", "test"))
+def leak_a_copy(source):
+    """The same photo in train/ and, byte for byte, in test/."""
     shutil.copyfile(source / "train/class_0/000.png", source / "test/class_0/leaked.png")
+    return ["test/class_0/leaked.png", "train/class_0/000.png"], "byte-identical"
+
+
+def leak_a_reencoded_photo(source):
+    """A photo in train/ and its JPEG re-encode in test/: a near-duplicate."""
+    photo = make_photo(seed=1)
+    photo.save(source / "train/class_0/photo.png")
+    photo.save(source / "test/class_0/photo_reencoded.jpg", quality=75)
+    return ["test/class_0/photo_reencoded.jpg", "train/class_0/photo.png"], "near-duplicate"
+
+
+@pytest.mark.parametrize("leak", [leak_a_copy, leak_a_reencoded_photo])
+def test_duplicates_a_predefined_split_leaks_are_reported(tmp_path, project, leak):
+    source = make_dataset(tmp_path / "with_splits", per_class=6, splits=("train", "test"))
+    paths, kind = leak(source)
     project.set_params(**{"data.source": str(source)})
     for name in ("data", "resize"):
         project.stage(name)
     result = project.stage("split")
-    assert "puts 2 duplicate images in more than one split" in result.stdout
+    near = 2 if kind == "near-duplicate" else 0
+    assert f"puts 2 duplicate images in more than one split ({near} of them near-duplicates)" in result.stdout
     leaks = pd.read_csv(project.root / "reports/split/duplicates_across_splits.csv")
-    assert sorted(leaks["path"]) == ["test/class_0/leaked.png", "train/class_0/000.png"]
+    assert sorted(leaks["path"]) == paths and set(leaks["duplicate_kind"]) == {kind}
+    summary = pd.read_json(project.root / "reports/split/summary.json", typ="series")
+    assert summary["near_duplicate_images_across_splits"] == near
 
 
 def test_missing_upstream_output_names_the_stage(project):

@@ -242,11 +242,14 @@ def test_the_fast_cnn_options_train_and_load_safely(prepared):
     assert "pool" in layers and layers[-3:] == ["logits", "logit_scale", "probabilities"]
     # The saved model averages the network's predictions for each image, its mirror image and their shifted copies.
     outer = result["outer_layers"]
-    assert outer[0] == "pixels" and outer[-2:] == ["cnn", "mean_probabilities"]
+    # ... and rescales their mean by the temperature fitted on the validation split.
+    assert outer[0] == "pixels" and outer[-3:] == ["cnn", "mean_probabilities", "temperature"]
     assert {"mirror", "view0_up_left_columns", "view1_down_right_columns"} <= set(outer)
     card = read_json(prepared.root / "models/cnn.json")
     assert card["test_time_flip"] is True and card["test_time_shift"] is True
     assert result["accuracy"] == pytest.approx(card["val_accuracy"], abs=1e-6)
+    assert card["temperature"] > 0 and card["val_log_loss"]["after"] <= card["val_log_loss"]["before"]
+    assert 0 < card["confidence_threshold"] <= 1 and card["target_coverage"] == 0.99
 
 
 def test_train_cnn_runs_on_jax_without_tensorflow(prepared):

@@ -33,8 +33,9 @@ def train_tiny_model(root: Path, pixels: np.ndarray, labels: np.ndarray, class_n
     model.compile(optimizer=keras.optimizers.Adam(0.02), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     history = model.fit(pixels.astype(np.float32), labels, epochs=epochs, batch_size=16, verbose=0)
     accuracy = history.history["accuracy"][-1] if val_accuracy is None else val_accuracy
+    # No temperature fitted (1 changes nothing); a fixed `unknown` threshold for min_confidence: auto.
     card = {"name": name, "class_names": list(class_names), "image_size": int(size), **CARD_GEOMETRY,
-            "val_accuracy": float(accuracy)}
+            "val_accuracy": float(accuracy), "temperature": 1.0, "confidence_threshold": 0.5}
     with contextlib.chdir(root):
         save_model(model, name, card)
     return card

@@ -5,9 +5,11 @@ A model is two files under models/:
                 as floats in 0..255, exactly the arrays `resize` writes; every
                 preprocessing step (rescaling, the base network's own
                 normalisation, resizing to its input size) is inside the model.
-                Its output is softmax probabilities over the classes.
+                Its output is softmax probabilities over the classes, calibrated
+                by a fitted temperature (imgcls/calibration.py).
   <name>.json   the model card: class names in output order, the image
-                geometry new photos must be brought to, validation accuracy.
+                geometry new photos must be brought to, validation accuracy,
+                the temperature and the `unknown` confidence threshold.
 Both are written atomically, so an interrupted stage never leaves a model
 that a later stage would load.
 """
@@ -51,6 +53,8 @@ def load_card(model_file: Path | str) -> dict:
 def load_model(model_file: Path | str, check_classes: bool = True):
     """Load a saved model and its card; refuse a model whose classes differ from data/split/classes.txt."""
     import keras
+
+    import imgcls.calibration  # noqa: F401  (registers the Temperature layer the trainers add)
 
     model_file = Path(model_file)
     name = model_file.stem

@@ -36,6 +36,8 @@ class ResizeParams(Section):
     on_error: Literal["skip", "fail"]
     max_pixels: int = Field(ge=1)
     workers: int = Field(ge=0)
+    conflicting_labels: Literal["fail", "drop", "keep"]
+    near_duplicate_distance: int = Field(ge=0, le=32)  # bits of the 64-bit perceptual hash; 0 turns it off
 
     @field_validator("image_size", mode="plain")
     @classmethod
@@ -180,15 +182,25 @@ class TrainTransferParams(Section):
 class EvaluateParams(Section):
     batch_size: int = Field(ge=1, le=4096)
     gallery_size: int = Field(ge=1, le=100)
+    ood_dir: str  # photos of none of the classes; "" turns the out-of-class evaluation off
 
 
 class PredictNewParams(Section):
     model: Literal["cnn", "transfer", "best"]
     input_dir: str = Field(min_length=1)
     top_k: int = Field(ge=1, le=100)
-    min_confidence: float = Field(ge=0, le=1)
+    # A number, or auto: the threshold in the model card, chosen on the validation split for target_coverage.
+    min_confidence: float | str
+    target_coverage: float = Field(gt=0, le=1)
     batch_size: int = Field(ge=1, le=4096)
     figure_max_images: int = Field(ge=1, le=500)
+
+    @field_validator("min_confidence", mode="plain")
+    @classmethod
+    def _number_or_auto(cls, value):
+        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
+            return value
+        raise ValueError("must be a number from 0 to 1, or auto (the threshold in the model card)")
 
 
 class ServeParams(Section):

@@ -5,6 +5,8 @@ card (size, aspect policy, background, pixel limit), so the model sees it
 exactly as it saw its training images. A prediction whose top probability is
 below `min_confidence` is reported as `unknown` rather than forced into a class:
 a photo of something outside the classes must not come out as confident gear.
+`min_confidence: auto` takes the threshold the trainer chose on the validation
+split and wrote in the model card (imgcls/calibration.py).
 """
 
 import threading
@@ -17,6 +19,7 @@ from imgcls.dataset import CLASSES_FILE, MODELS_DIR
 from imgcls.errors import UserError
 from imgcls.images import decode_image
 from imgcls.modelio import MODEL_NAMES, PRODUCED_BY, load_card, load_model
+from imgcls.sources import JUNK_NAMES
 
 MODEL_CHOICES = (*MODEL_NAMES, "best")
 UNKNOWN = "unknown"
@@ -60,6 +63,53 @@ def choose_model(choice: str, models_dir: Path = MODELS_DIR) -> Path:
     return models_dir / f"{max(trained, key=lambda name: scores[name])}.keras"
 
 
+def find_images(inputs: list[Path | str], class_names: list[str]) -> list[tuple[Path, str]]:
+    """(file, true label or "") for every file in the given folders and files, in a stable order.
+
+    A file inside a sub-folder named after a class is labelled with that class.
+    """
+    found = []
+    for entry in map(Path, inputs):
+        if entry.is_file():
+            found.append((entry, ""))
+        elif entry.is_dir():
+            for path in sorted(entry.rglob("*")):
+                relative = path.relative_to(entry)
+                if not path.is_file() or any(part in JUNK_NAMES or part.startswith(".") for part in relative.parts):
+                    continue
+                label = relative.parts[0] if len(relative.parts) > 1 and relative.parts[0] in class_names else ""
+                found.append((path, label))
+        else:
+            raise UserError(f"{entry} not found: give existing image files or folders of images.")
+    if not found:
+        raise UserError(f"no files in {', '.join(map(str, inputs))}: put the photos to classify there.")
+    return found
+
+
+def decode_for_model(source, card: dict) -> np.ndarray:
+    """(size, size, 3) uint8 pixels of a path, bytes or file, decoded with the card's geometry; raises images.BadImage."""
+    return decode_image(
+        source,
+        size=int(card["image_size"]),
+        aspect=card["aspect"],
+        background=tuple(card["background"]),
+        max_pixels=int(card["max_pixels"]),
+    ).pixels
+
+
+def resolve_min_confidence(setting: float | str, card: dict, model_file: Path | str) -> float:
+    """The `unknown` threshold: a number as given, or for "auto" the one the model card records."""
+    if setting != "auto":
+        return float(setting)
+    threshold = card.get("confidence_threshold")
+    if not isinstance(threshold, (int, float)):
+        stage = PRODUCED_BY.get(Path(model_file).stem)
+        retrain = f"retrain it (`dvc repro {stage}`)" if stage else "retrain it with this project's trainers"
+        raise UserError(f"{model_file}'s card has no confidence_threshold, so min_confidence 'auto' cannot be used:"
+                        f" {retrain}, or set predict_new.min_confidence to a number from 0 to 1.")
+    return float(threshold)
+
+
 @dataclass(frozen=True)
 class Prediction:
     predicted: str  # the class, or "unknown" when confidence < min_confidence
@@ -81,7 +131,7 @@ class Prediction:
 class Classifier:
     """A loaded model with its card: decodes photos the card's way and classifies them in batches."""
 
-    def __init__(self, model_file: Path | str, top_k: int = 3, min_confidence: float = 0.5, batch_size: int = 32,
+    def __init__(self, model_file: Path | str, top_k: int = 3, min_confidence: float | str = 0.5, batch_size: int = 32,
                  check_classes: bool | None = None):
         self.model_file = Path(model_file)
         # Inside the project, a model trained on other classes than data/split/classes.txt is stale;
@@ -93,7 +143,7 @@ class Classifier:
         self.class_names = list(self.card["class_names"])
         self.image_size = int(self.card["image_size"])
         self.top_k = min(top_k, len(self.class_names))
-        self.min_confidence = min_confidence
+        self.min_confidence = resolve_min_confidence(min_confidence, self.card, self.model_file)
         self.batch_size = batch_size
         # One inference at a time: the server calls in from several threads, and on a
         # CPU the backend already uses every core for one batch.
@@ -103,13 +153,7 @@ class Classifier:
 
     def decode(self, source) -> np.ndarray:
         """(size, size, 3) uint8 pixels of a path, bytes or file; raises images.BadImage."""
-        return decode_image(
-            source,
-            size=self.image_size,
-            aspect=self.card["aspect"],
-            background=tuple(self.card["background"]),
-            max_pixels=int(self.card["max_pixels"]),
-        ).pixels
+        return decode_for_model(source, self.card)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """Softmax outputs (N, classes) for (N, size, size, 3) pixels, in fixed-size batches."""
