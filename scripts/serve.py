@@ -21,6 +21,7 @@ PORT, HOST, MODEL, MIN_CONFIDENCE, MAX_UPLOAD_BYTES.
 """
 
 import argparse
+import asyncio
 import concurrent.futures
 import os
 import queue
@@ -31,7 +32,6 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -48,10 +48,14 @@ MULTIPART_SLACK = 64 * 1024
 DRAIN_LIMIT = 64 * 1024 * 1024
 # Most photos classified in one step when requests arrive together.
 SERVE_BATCH = 8
+# Threads that decode uploaded photos, off the event loop. Decoding is CPU work, so more threads
+# than cores gain nothing; and each thread that allocates gets a glibc malloc arena of its own,
+# so a pool per request (Starlette's default, 40 threads) makes memory grow under load.
+DECODE_THREADS = os.cpu_count() or 1
 
 
 class Batcher:
-    """Classifies photos from many request threads together: requests that arrive while the
+    """Classifies photos from many requests together: requests that arrive while the
     model is busy wait and then go through it as one batch.
 
     On a CPU one batch of 8 costs much less than 8 batches of 1, so under concurrent load the
@@ -67,10 +71,11 @@ class Batcher:
                 classifier.probabilities(np.zeros((size, classifier.image_size, classifier.image_size, 3), np.uint8))
         threading.Thread(target=self._work, name="batcher", daemon=True).start()
 
-    def classify(self, pixels: np.ndarray) -> Prediction:
+    def submit(self, pixels: np.ndarray) -> concurrent.futures.Future:
+        """Queue one photo's pixels; the future's result is its Prediction."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         self.pending.put((pixels, future))
-        return future.result()
+        return future
 
     def _work(self) -> None:
         while True:
@@ -103,6 +108,7 @@ def bad_image_status(reason: str) -> int:
 def create_app(classifier: Classifier, max_upload_bytes: int) -> FastAPI:
     app = FastAPI(title="imgcls", summary=f"classifies photos into {len(classifier.class_names)} classes")
     batcher = Batcher(classifier, max_batch=classifier.batch_size)
+    decoders = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
     page = PAGE_FILE.read_text()
 
     @app.exception_handler(HTTPException)
@@ -168,17 +174,12 @@ def create_app(classifier: Classifier, max_upload_bytes: int) -> FastAPI:
             return error(413, f"upload too large: {len(data):,} bytes, the limit is {max_upload_bytes:,}"
                               " (serve.max_upload_bytes).")
 
-        def classify():
-            try:
-                pixels = classifier.decode(data)
-            except BadImage as exception:
-                return None, str(exception)
-            return batcher.classify(pixels), ""
-
         # Decoding and inference block: off the event loop, so /health stays responsive meanwhile.
-        prediction, reason = await run_in_threadpool(classify)
-        if prediction is None:
-            return error(bad_image_status(reason), f"{filename or 'upload'}: {reason}")
+        try:
+            pixels = await asyncio.get_running_loop().run_in_executor(decoders, classifier.decode, data)
+        except BadImage as exception:
+            return error(bad_image_status(str(exception)), f"{filename or 'upload'}: {exception}")
+        prediction = await asyncio.wrap_future(batcher.submit(pixels))
         return {**prediction.as_json(), "model": classifier.name, "filename": filename}
 
     return app

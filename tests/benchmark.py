@@ -4,7 +4,10 @@ Runs in a throw-away copy of the project (a fresh git repo) so the working
 tree is never touched, and prints one markdown table. Needs the gear photos:
 a Keras cache holding gear_images.zip (KERAS_HOME, or `make bench KERAS_CACHE=...`).
 
-    python tests/benchmark.py [--only data,cnn,transfer,predict] [--keep DIR]
+    python tests/benchmark.py [--only data,cnn,transfer,predict,soak,images] [--keep DIR]
+
+soak: the servers' memory under 10,000 mixed requests; images: the serving image's size and
+start-up (needs podman or docker).
 """
 
 import argparse
@@ -25,7 +28,7 @@ from PIL import Image
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path[:0] = [str(REPO / "scripts"), str(TESTS)]
-SECTIONS = ("data", "cnn", "transfer", "predict")
+SECTIONS = ("data", "cnn", "transfer", "predict", "soak", "images")
 
 
 def environment() -> dict[str, str]:
