@@ -67,8 +67,8 @@ def run(workdir: Path) -> list[dict]:
         size = int(engine("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip())
         starts = [seconds_to_health(tag, model) for _ in range(STARTS)]
         results[name] = {"size": size, "health": statistics.median(starts), "build": build_seconds}
-        engine("rmi", "-f", tag, check=False)
         print(f"({name}: {results[name]})", file=sys.stderr, flush=True)
+        engine("rmi", "-f", tag, check=False, timeout=600)  # a few GB for the baseline: slow to delete
     shutil.rmtree(workdir / "models" / "export" / "keras", ignore_errors=True)
     slim, keras = results.values()
     return [
