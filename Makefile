@@ -28,7 +28,7 @@ ifneq ($(KERAS_CACHE),)
 export KERAS_HOME := $(CURDIR)/.keras-home
 endif
 
-.PHONY: setup env run test bench bench-gpu serve keras-home clean
+.PHONY: setup env run test bench bench-gpu serve image-serve image-train keras-home clean
 
 setup: $(VENV)/.installed-$(or $(STACK),unknown)
 
@@ -36,7 +36,7 @@ $(VENV)/.installed-unknown:
 	@$(PLAN); exit 2
 
 # One stamp per stack: a venv set up for the CPU gets the GPU stack added when DEVICE=gpu asks for it.
-$(VENV)/.installed-%: requirements.txt requirements-gpu.txt
+$(VENV)/.installed-%: requirements.txt requirements-gpu.txt requirements-serve.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r $$($(PLAN) --requirements)
@@ -73,6 +73,22 @@ bench-gpu: setup keras-home
 PORT ?= 8000
 serve: setup
 	python scripts/serve.py --port $(PORT)
+
+# Container images, built with podman (or docker): README, Containers.
+#   make image-serve && podman run -p 8000:8000 imgcls-serve
+# IMAGE_ARGS passes more build options, e.g. IMAGE_ARGS="--build-arg BASE=my-python-3.11-image".
+ENGINE ?= $(shell command -v podman || command -v docker)
+# podman writes OCI images by default, which drop HEALTHCHECK; the docker format keeps it.
+IMAGE_FORMAT := $(if $(findstring podman,$(ENGINE)),--format docker,)
+IMAGE_ARGS ?=
+image-serve:
+	@test -n "$(ENGINE)" || { echo "no container engine: install podman (or docker)"; exit 2; }
+	@test -d models/export || { echo "models/export/ not found: run \`make run\` (or \`dvc repro export\`) first"; exit 2; }
+	$(ENGINE) build $(IMAGE_FORMAT) -f Containerfile.serve -t imgcls-serve $(IMAGE_ARGS) .
+
+image-train:
+	@test -n "$(ENGINE)" || { echo "no container engine: install podman (or docker)"; exit 2; }
+	$(ENGINE) build $(IMAGE_FORMAT) -f Containerfile.train -t imgcls-train $(IMAGE_ARGS) .
 
 clean:
 	rm -rf $(VENV) .keras-home .cache

@@ -1,20 +1,23 @@
-"""Stage `export`: the chosen model as a TFLite file for phones and small devices.
+"""Stage `export`: the chosen model as files that run without Keras: TFLite and ONNX.
 
-Writes models/<export.model>.tflite (float16 or dynamic-range quantised weights)
-and models/<export.model>.labels.txt (one class per line, in output order). Its
-input is the same as the Keras model's: (1, size, size, 3) float32 pixels in
-0..255, preprocessing inside. The stage then runs the TFLite interpreter on the
-test split and records in reports/export/metrics.json how often its top-1 class
-agrees with the Keras model's, with the file sizes: quantisation must not change
-the answers.
+Writes, in models/export/, one file per format of export.formats:
+  <model>.tflite  TensorFlow Lite (float16 or dynamic-range quantised weights), for LiteRT and phones;
+  <model>.onnx    ONNX (opset 18, float32 weights), for onnxruntime, TensorRT, OpenVINO;
+with the model card <model>.json (class names, image geometry) and <model>.labels.txt
+(one class per line, in output order) beside them. Each file's input is the same
+as the Keras model's: (N, size, size, 3) float32 pixels in 0..255, preprocessing
+inside. The stage then runs each file on the test split with the runtime that
+serves it (LiteRT, onnxruntime) and records in reports/export/metrics.json how
+often its top-1 class agrees with the Keras model's, how far its probabilities
+are from Keras', and its size: an export must not change the answers.
 
-This is the one stage that uses TensorFlow directly: TFLite conversion exists only there.
+This is the one stage that uses TensorFlow directly: both converters start from a TensorFlow graph.
 """
 
 import contextlib
 import io
-import os
-import warnings
+import json
+import logging
 
 import numpy as np
 
@@ -25,7 +28,10 @@ from imgcls.params import load_params
 from imgcls.predict import Classifier, choose_model
 
 METRICS_FILE = REPORTS_DIR / "export" / "metrics.json"
+EXPORT_DIR = MODELS_DIR / "export"
 BATCH_SIZE = 64
+# The first opset whose Resize has the `antialias` attribute.
+ONNX_OPSET = 18
 
 
 def without_antialiasing(model):
@@ -73,27 +79,107 @@ def convert(model, quantization: str) -> bytes:
     return converter.convert()
 
 
-def tflite_probabilities(content: bytes, pixels: np.ndarray) -> np.ndarray:
-    """Run the TFLite interpreter over (N, size, size, 3) pixels in batches; return (N, classes)."""
-    import tensorflow as tf
+def tflite_file(model, quantization: str) -> tuple[bytes, bool]:
+    """The TFLite flatbuffer of `model`, and whether its antialiased resizing became plain bilinear."""
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints a description of every traced function
+        plain_resizing = without_antialiasing(model)
+        return convert(plain_resizing or model, quantization), plain_resizing is not None
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tf.lite.Interpreter announces its successor package
-        interpreter = tf.lite.Interpreter(model_content=content, num_threads=os.cpu_count())
-    input_index = interpreter.get_input_details()[0]["index"]
-    output_index = interpreter.get_output_details()[0]["index"]
-    outputs = []
-    batch_shape = None
-    for start in range(0, len(pixels), BATCH_SIZE):
-        batch = np.asarray(pixels[start:start + BATCH_SIZE], dtype=np.float32)
-        if batch.shape != batch_shape:
-            interpreter.resize_tensor_input(input_index, batch.shape)
-            interpreter.allocate_tensors()
-            batch_shape = batch.shape
-        interpreter.set_tensor(input_index, batch)
-        interpreter.invoke()
-        outputs.append(interpreter.get_tensor(output_index).copy())
-    return np.concatenate(outputs)
+
+def antialiased_resize(graph) -> bool:
+    """Turn each ScaleAndTranslate node of an ONNX graph into an antialiased ONNX Resize; True if any was.
+
+    An antialiased Keras Resizing layer is TensorFlow's ScaleAndTranslate op (a
+    triangle filter widened by the shrink factor, half-pixel centres), which
+    tf2onnx leaves untranslated. Since opset 18 ONNX's linear Resize with
+    `antialias=1` is that same filter, so the node becomes one Resize of the
+    height and width axes to the layer's fixed output size.
+    """
+    from onnx import helper, numpy_helper
+
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    replaced = False
+    for index, node in enumerate(graph.node):
+        if node.op_type != "ScaleAndTranslate":
+            continue
+        attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+        translation = constants.get(node.input[3])
+        if (attributes.get("kernel_type") != b"triangle" or not attributes.get("antialias")
+                or node.input[1] not in constants or translation is None or np.any(translation)):
+            raise UserError(f"export: {node.name} is a resize ONNX cannot express ({attributes}):"
+                            " set export.formats to [tflite] for this model.")
+        sizes = f"{node.output[0]}/sizes"
+        graph.initializer.append(numpy_helper.from_array(constants[node.input[1]].astype(np.int64), sizes))
+        graph.node[index].CopyFrom(helper.make_node(
+            "Resize", [node.input[0], "", "", sizes], list(node.output), name=node.name, mode="linear",
+            antialias=1, axes=[1, 2], coordinate_transformation_mode="half_pixel"))
+        replaced = True
+    drop_unused(graph)
+    return replaced
+
+
+def drop_unused(graph) -> None:
+    """Remove the nodes and initialisers no output depends on (what computed ScaleAndTranslate's scale)."""
+    while True:
+        used = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+        unused = [node for node in graph.node if not any(name in used for name in node.output)]
+        if not unused:
+            break
+        for node in unused:
+            graph.node.remove(node)
+    for tensor in [tensor for tensor in graph.initializer if tensor.name not in used]:
+        graph.initializer.remove(tensor)
+
+
+def onnx_file(model, quantization: str) -> tuple[bytes, bool]:
+    """The ONNX file of `model` (float32 whatever `quantization`, opset 18, any batch size), and whether its
+    resizing lost its antialiasing (never: see antialiased_resize).
+
+    tf2onnx converts the model's inference graph: a tf.function calling the model
+    with training=False. Keras' own `model.export(format="onnx")` (Keras 3.15.1)
+    traced BatchNormalization with the batch's statistics instead of its moving
+    averages, which changes every answer.
+    """
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+
+    signature = [tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="pixels")]
+    function = tf.function(lambda pixels: model(pixels, training=False), input_signature=signature)
+    logging.getLogger("tf2onnx").setLevel(logging.CRITICAL)  # it reports ScaleAndTranslate, replaced below
+    with contextlib.redirect_stdout(io.StringIO()):
+        proto, _ = tf2onnx.convert.from_function(function, signature, opset=ONNX_OPSET)
+    antialiased_resize(proto.graph)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise UserError(f"export: the ONNX conversion of this model is not valid ONNX ({error}):"
+                        " set export.formats to [tflite] for this model.") from None
+    return proto.SerializeToString(), False
+
+
+EXPORTERS = {"tflite": tflite_file, "onnx": onnx_file}
+
+
+def write_card(classifier: Classifier, name: str) -> None:
+    """The model card and the labels file beside the exported files, for whatever runs them."""
+    with atomic_path(EXPORT_DIR / f"{name}.json") as temporary:
+        temporary.write_text(json.dumps(classifier.card, indent=2) + "\n")
+    with atomic_path(EXPORT_DIR / f"{name}.labels.txt") as temporary:
+        temporary.write_text("\n".join(classifier.class_names) + "\n")
+
+
+def check_export(path, pixels: np.ndarray, keras_probabilities: np.ndarray, labels: np.ndarray) -> dict:
+    """Run an exported file on the test split with its own runtime; compare with Keras."""
+    probabilities = Classifier(path, batch_size=BATCH_SIZE, check_classes=False).probabilities(pixels)
+    if not len(pixels):
+        return {"top1_agreement": None, "test_accuracy": None, "max_probability_difference": None}
+    top1 = probabilities.argmax(axis=1)
+    return {
+        "top1_agreement": float(np.mean(top1 == keras_probabilities.argmax(axis=1))),
+        "test_accuracy": float(np.mean(top1 == labels)),
+        "max_probability_difference": float(np.abs(probabilities - keras_probabilities).max()),
+    }
 
 
 def main() -> None:
@@ -108,34 +194,29 @@ def main() -> None:
             f" {params.resize.image_size}: retrain it (`dvc repro`) after changing resize.image_size."
         )
     pixels, labels, _ = load_split("test", classifier.image_size)
-    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints a description of every traced function
-        plain_resizing = without_antialiasing(classifier.model)
-        content = convert(plain_resizing or classifier.model, settings.quantization)
-    keras_top1 = classifier.probabilities(pixels).argmax(axis=1)
-    lite_top1 = tflite_probabilities(content, pixels).argmax(axis=1)
-
-    tflite_file = MODELS_DIR / f"{settings.model}.tflite"
-    labels_file = MODELS_DIR / f"{settings.model}.labels.txt"
-    with atomic_path(tflite_file) as temporary:
-        temporary.write_bytes(content)
-    with atomic_path(labels_file) as temporary:
-        temporary.write_text("\n".join(classifier.class_names) + "\n")
+    keras_probabilities = classifier.probabilities(pixels)
+    write_card(classifier, settings.model)
     metrics = {
         "model": classifier.name,
-        "quantization": settings.quantization,
-        "tflite_bytes": len(content),
-        # True when the Keras model's antialiased resizing became plain bilinear resizing.
-        "resizing_without_antialiasing": plain_resizing is not None,
         "keras_bytes": model_file.stat().st_size,
         "test_images": int(len(pixels)),
-        "top1_agreement": float(np.mean(keras_top1 == lite_top1)) if len(pixels) else None,
-        "keras_test_accuracy": float(np.mean(keras_top1 == labels)) if len(pixels) else None,
-        "tflite_test_accuracy": float(np.mean(lite_top1 == labels)) if len(pixels) else None,
+        "keras_test_accuracy": float(np.mean(keras_probabilities.argmax(axis=1) == labels)) if len(pixels) else None,
     }
+    for format_name in settings.formats:
+        content, plain_resizing = EXPORTERS[format_name](classifier.runtime.model, settings.quantization)
+        path = EXPORT_DIR / f"{settings.model}.{format_name}"
+        with atomic_path(path) as temporary:
+            temporary.write_bytes(content)
+        metrics[format_name] = {
+            "bytes": len(content),
+            **({"quantization": settings.quantization} if format_name == "tflite" else {}),
+            # True when the Keras model's antialiased resizing became plain bilinear resizing.
+            "resizing_without_antialiasing": plain_resizing,
+            **check_export(path, pixels, keras_probabilities, labels),
+        }
+        print(f"export: {model_file} → {path} ({len(content) / 1e6:.2f} MB, Keras {metrics['keras_bytes'] / 1e6:.2f} MB);"
+              f" top-1 agrees with Keras on {metrics[format_name]['top1_agreement']:.2%} of {len(pixels)} test images")
     write_json(METRICS_FILE, metrics)
-    print(f"export: {model_file} → {tflite_file} ({settings.quantization}, {len(content) / 1e6:.2f} MB,"
-          f" Keras {metrics['keras_bytes'] / 1e6:.2f} MB); top-1 agrees with Keras on"
-          f" {metrics['top1_agreement']:.2%} of {len(pixels)} test images")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 
     python scripts/serve.py [--port 8000] [--host 127.0.0.1] [--model cnn|transfer|best|PATH]
 
+PATH is a .keras model, or a file written by `export` (models/export/best.onnx or
+.tflite, its .json card beside it). An exported file is served by onnxruntime or
+LiteRT alone: TensorFlow, Keras and JAX are never imported (requirements-serve.txt
+is all it needs).
+
   POST /predict   a photo (multipart field `file`, or the raw bytes with an image/* content type)
                   → {"predicted", "best_guess", "confidence", "unknown", "top_k": [{"class", "probability"}], ...}
   GET  /health    {"status": "ok", "model": ...}
@@ -9,11 +14,14 @@
   GET  /          a page to upload a photo and see its probability bars
 
 The model (predict_new.model, top_k and min_confidence in params.yaml, so the API
-answers like the predictions CSV) is loaded once, in Keras' safe_mode. Every bad
-request gets a 4xx JSON {"error": message}; nothing a client sends stops the server.
+answers like the predictions CSV) is loaded once (a .keras file in Keras' safe_mode).
+Every bad request gets a 4xx JSON {"error": message}; nothing a client sends stops
+the server. Environment variables override params.yaml, for containers:
+PORT, HOST, MODEL, MIN_CONFIDENCE, MAX_UPLOAD_BYTES.
 """
 
 import argparse
+import asyncio
 import concurrent.futures
 import os
 import queue
@@ -24,7 +32,6 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -42,10 +49,14 @@ MULTIPART_SLACK = 64 * 1024
 DRAIN_LIMIT = 64 * 1024 * 1024
 # Most photos classified in one step when requests arrive together.
 SERVE_BATCH = 8
+# Threads that decode uploaded photos, off the event loop. Decoding is CPU work, so more threads
+# than cores gain nothing; and each thread that allocates gets a glibc malloc arena of its own,
+# so a pool per request (Starlette's default, 40 threads) makes memory grow under load.
+DECODE_THREADS = os.cpu_count() or 1
 
 
 class Batcher:
-    """Classifies photos from many request threads together: requests that arrive while the
+    """Classifies photos from many requests together: requests that arrive while the
     model is busy wait and then go through it as one batch.
 
     On a CPU one batch of 8 costs much less than 8 batches of 1, so under concurrent load the
@@ -61,10 +72,11 @@ class Batcher:
                 classifier.probabilities(np.zeros((size, classifier.image_size, classifier.image_size, 3), np.uint8))
         threading.Thread(target=self._work, name="batcher", daemon=True).start()
 
-    def classify(self, pixels: np.ndarray) -> Prediction:
+    def submit(self, pixels: np.ndarray) -> concurrent.futures.Future:
+        """Queue one photo's pixels; the future's result is its Prediction."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         self.pending.put((pixels, future))
-        return future.result()
+        return future
 
     def _work(self) -> None:
         while True:
@@ -97,6 +109,7 @@ def bad_image_status(reason: str) -> int:
 def create_app(classifier: Classifier, max_upload_bytes: int) -> FastAPI:
     app = FastAPI(title="imgcls", summary=f"classifies photos into {len(classifier.class_names)} classes")
     batcher = Batcher(classifier, max_batch=classifier.batch_size)
+    decoders = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
     page = PAGE_FILE.read_text()
 
     @app.exception_handler(HTTPException)
@@ -162,28 +175,41 @@ def create_app(classifier: Classifier, max_upload_bytes: int) -> FastAPI:
             return error(413, f"upload too large: {len(data):,} bytes, the limit is {max_upload_bytes:,}"
                               " (serve.max_upload_bytes).")
 
-        def classify():
-            try:
-                pixels = classifier.decode(data)
-            except BadImage as exception:
-                return None, str(exception)
-            return batcher.classify(pixels), ""
-
         # Decoding and inference block: off the event loop, so /health stays responsive meanwhile.
-        prediction, reason = await run_in_threadpool(classify)
-        if prediction is None:
-            return error(bad_image_status(reason), f"{filename or 'upload'}: {reason}")
+        try:
+            pixels = await asyncio.get_running_loop().run_in_executor(decoders, classifier.decode, data)
+        except BadImage as exception:
+            return error(bad_image_status(str(exception)), f"{filename or 'upload'}: {exception}")
+        prediction = await asyncio.wrap_future(batcher.submit(pixels))
         return {**prediction.as_json(), "model": classifier.name, "filename": filename}
 
     return app
 
 
+def from_environment(name: str, default, convert=str, low=None, high=None):
+    """Environment variable `name` converted (int, float, str) and range-checked, or `default` when unset or empty."""
+    text = os.environ.get(name, "")
+    if not text:
+        return default
+    try:
+        value = convert(text)
+    except ValueError:
+        raise UserError(f"{name}={text!r} is not a valid {convert.__name__}: unset it or give a number.") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        limits = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise UserError(f"{name}={text!r} is out of range: it must be {limits}.")
+    return value
+
+
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8000),
+    parser.add_argument("--port", type=int, default=from_environment("PORT", 8000, int),
                         help="port to listen on (default: $PORT or 8000)")
-    parser.add_argument("--host", help="address to listen on (default: serve.host)")
-    parser.add_argument("--model", help="cnn, transfer, best or a .keras path (default: predict_new.model)")
+    parser.add_argument("--host", default=os.environ.get("HOST") or None,
+                        help="address to listen on (default: $HOST or serve.host)")
+    parser.add_argument("--model", default=os.environ.get("MODEL") or None,
+                        help="cnn, transfer, best, or the path of a .keras, .onnx or .tflite file"
+                             " (default: $MODEL or predict_new.model)")
     return parser.parse_args(argv)
 
 
@@ -194,10 +220,12 @@ def main(argv=None) -> None:
     params = load_params()
     device.choose_backend()
     model_file = choose_model(arguments.model or params.predict_new.model)
-    classifier = Classifier(model_file, top_k=params.predict_new.top_k,
-                            min_confidence=params.predict_new.min_confidence, batch_size=SERVE_BATCH,
+    min_confidence = from_environment("MIN_CONFIDENCE", params.predict_new.min_confidence, float, 0, 1)
+    max_upload_bytes = from_environment("MAX_UPLOAD_BYTES", params.serve.max_upload_bytes, int, 1024)
+    classifier = Classifier(model_file, top_k=params.predict_new.top_k, min_confidence=min_confidence,
+                            batch_size=SERVE_BATCH,
                             check_classes=None if arguments.model in (None, *MODEL_CHOICES) else False)
-    app = create_app(classifier, params.serve.max_upload_bytes)
+    app = create_app(classifier, max_upload_bytes)
     host = arguments.host or params.serve.host
     print(f"serving {model_file} ({len(classifier.class_names)} classes) on http://{host}:{arguments.port}/", flush=True)
     uvicorn.run(app, host=host, port=arguments.port, log_level="warning", access_log=False)

@@ -4,9 +4,12 @@ Runs in a throw-away copy of the project (a fresh git repo) so the working
 tree is never touched, and prints one markdown table. Needs the gear photos:
 a Keras cache holding gear_images.zip (KERAS_HOME, or `make bench KERAS_CACHE=...`).
 
-    python tests/benchmark.py [--only data,cnn,transfer,predict,device,near_duplicates] [--keep DIR]
+    python tests/benchmark.py [--only data,cnn,transfer,predict,device,near_duplicates,soak,images] [--keep DIR]
 
-The near_duplicates section needs no gear photos: it reads CIFAR-10 (tests/bench_near_duplicates.py).
+device: TensorFlow against JAX and the input pipeline's efficiency (`make bench-gpu` on a GPU machine);
+near_duplicates needs no gear photos: it reads CIFAR-10 (tests/bench_near_duplicates.py); soak: the
+servers' memory under 10,000 mixed requests; images: the serving image's size and start-up (needs
+podman or docker).
 """
 
 import argparse
@@ -27,7 +30,7 @@ from PIL import Image
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path[:0] = [str(REPO / "scripts"), str(TESTS)]
-SECTIONS = ("data", "cnn", "transfer", "predict", "device", "near_duplicates")
+SECTIONS = ("data", "cnn", "transfer", "predict", "device", "near_duplicates", "soak", "images")
 # Sections that need no data stages run in the workdir first.
 STANDALONE_SECTIONS = {"near_duplicates"}
 

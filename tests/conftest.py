@@ -88,26 +88,33 @@ def stage_env() -> dict[str, str]:
     return env
 
 
-# Runs a stage script with every `tensorflow*` import refused, then lists any TensorFlow module
-# that got loaded anyway. A meta-path finder is needed: `sys.modules["tensorflow"] = None`
-# is not enough, Keras' preprocessing layers would then believe TensorFlow is loaded.
+# Runs a script with every import of the top-level modules named in $BLOCKED_MODULES (default:
+# tensorflow) refused, then lists any of them that got loaded anyway. A meta-path finder is needed:
+# `sys.modules["tensorflow"] = None` is not enough, Keras' preprocessing layers would then believe
+# TensorFlow is loaded.
 WITHOUT_TENSORFLOW = """
-import importlib.abc, runpy, sys
+import importlib.abc, os, runpy, sys
 
-class NoTensorFlow(importlib.abc.MetaPathFinder):
+BLOCKED = os.environ.get("BLOCKED_MODULES", "tensorflow").split(",")
+
+class Blocked(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith(("tensorflow.", "tensorflow_")):
-            raise ImportError(f"{name} is blocked: this run must not need TensorFlow")
+        top = name.split(".")[0]
+        if top in BLOCKED or top.startswith("tensorflow_") and "tensorflow" in BLOCKED:
+            raise ImportError(f"{name} is blocked: this run must not need {', '.join(BLOCKED)}")
         return None
 
-sys.meta_path.insert(0, NoTensorFlow())
-sys.path.insert(0, "scripts")
-sys.argv = [sys.argv[1]]
+sys.meta_path.insert(0, Blocked())
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
+sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
-    print("tensorflow modules:", sorted(name for name in sys.modules if name.split(".")[0] == "tensorflow"))
+    loaded = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)
+    print(f"{'/'.join(BLOCKED)} modules:", loaded)
 """
+# The training stack a server of an exported model must do without.
+TRAINING_STACK = "tensorflow,keras,jax,jaxlib"
 
 
 class Project:

@@ -124,7 +124,7 @@ def test_choose_model(prepared, tmp_path):
             choose_model("best")
         with pytest.raises(UserError, match=r"models/transfer.keras not found: train it with `dvc repro train_transfer`"):
             choose_model("transfer")
-        with pytest.raises(UserError, match="neither one of cnn, transfer, best nor a .keras file"):
+        with pytest.raises(UserError, match="neither one of cnn, transfer, best nor a .keras, .onnx, .tflite file"):
             choose_model("bigger")
     placeholder_model(prepared.root, "cnn", val_accuracy=0.8)
     placeholder_model(prepared.root, "transfer", val_accuracy=0.8)

@@ -1,4 +1,8 @@
-"""serve: a real server process on a free localhost port, a real HTTP client, a real browser."""
+"""serve: a real server process on a free localhost port, a real HTTP client, a real browser.
+
+Every test runs against three servers of the same tiny model: the .keras file (as `make serve`),
+and its exported .onnx and .tflite files served with TensorFlow, Keras and JAX impossible to import.
+"""
 
 import io
 import shutil
@@ -12,7 +16,7 @@ import requests
 import yaml
 from PIL import Image
 
-from conftest import REPO, make_dataset, stage_env
+from conftest import REPO, TRAINING_STACK, WITHOUT_TENSORFLOW, make_dataset, stage_env
 from serving import free_port, running_server
 from tiny_model import train_on_folder
 
@@ -31,28 +35,57 @@ def header_only_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+# What each server runs, and how close its probabilities are to the Keras model's own: ONNX keeps
+# float32 weights (the same answers up to float rounding), TFLite's are float16.
+MODEL_FILES = {"keras": None, "onnx": "models/export/cnn.onnx", "tflite": "models/export/cnn.tflite"}
+TOLERANCE = {"keras": 1e-5, "onnx": 1e-5, "tflite": 2e-2}
+
+
 class Server:
-    def __init__(self, root, running, model):
+    def __init__(self, root, running, model, runtime):
         self.root, self.url, self.process, self.model = root, running.url, running.process, model
+        self.runtime = runtime
 
     def predict(self, data: bytes, filename: str = "photo.png", **options) -> requests.Response:
         return requests.post(f"{self.url}/predict", files={"file": (filename, data)}, timeout=60, **options)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`scripts/serve.py` serving a tiny model trained here, as `make serve` runs it (PORT from the environment)."""
+def trained(tmp_path_factory):
+    """A folder with params.yaml, a tiny model trained here, and its .onnx and .tflite exports with its card."""
     import keras
+
+    from export import onnx_file, tflite_file
 
     root = tmp_path_factory.mktemp("serve")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["serve"]["max_upload_bytes"] = MAX_UPLOAD_BYTES
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     train_on_folder(root, make_dataset(root / "dataset", classes=3, per_class=10, size=32))
+    model = keras.saving.load_model(root / "models" / "cnn.keras")
+    exported = root / "models" / "export"
+    exported.mkdir()
+    shutil.copy(root / "models" / "cnn.json", exported / "cnn.json")
+    (exported / "cnn.onnx").write_bytes(onnx_file(model, "float16")[0])
+    (exported / "cnn.tflite").write_bytes(tflite_file(model, "float16")[0])
+    return root, model
+
+
+@pytest.fixture(scope="module", params=list(MODEL_FILES))
+def server(request, trained):
+    """`scripts/serve.py` as `make serve` runs it (PORT from the environment), or serving an exported
+    file (MODEL from the environment) with the training stack blocked."""
+    root, model = trained
     port = free_port()
-    with running_server([str(REPO / "scripts" / "serve.py")], port, cwd=root,
-                        env={**stage_env(), "PORT": str(port)}, startup_seconds=120) as running:
-        yield Server(root, running, keras.saving.load_model(root / "models" / "cnn.keras"))
+    serve = str(REPO / "scripts" / "serve.py")
+    if request.param == "keras":
+        arguments, env = [serve], {}
+    else:
+        arguments = ["-c", WITHOUT_TENSORFLOW, serve]
+        env = {"MODEL": MODEL_FILES[request.param], "BLOCKED_MODULES": TRAINING_STACK}
+    with running_server(arguments, port, cwd=root, env={**stage_env(), "PORT": str(port), **env},
+                        startup_seconds=120) as running:
+        yield Server(root, running, model, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +120,10 @@ def test_predict_answers_like_the_model(server, photos):
         answer = server.predict(data).json()
         probabilities = expected_probabilities(server, data)
         assert answer["best_guess"] == f"class_{probabilities.argmax()}"
-        assert answer["confidence"] == pytest.approx(float(probabilities.max()), abs=1e-5)
+        assert answer["confidence"] == pytest.approx(float(probabilities.max()), abs=TOLERANCE[server.runtime])
+        for entry in answer["top_k"]:
+            expected = float(probabilities[int(entry["class"][-1])])
+            assert entry["probability"] == pytest.approx(expected, abs=TOLERANCE[server.runtime])
         assert answer["unknown"] == (answer["confidence"] < 0.5)
         assert answer["predicted"] == ("unknown" if answer["unknown"] else answer["best_guess"])
         assert [entry["class"] for entry in answer["top_k"]][0] == answer["best_guess"]
@@ -188,3 +224,24 @@ def test_upload_page_in_headless_chromium(server, photos, tmp_path):
     assert [float(width.rstrip('%')) for width in widths] == pytest.approx([float(value.rstrip('%')) for value in values])
     assert verdict.startswith("unknown" if answer["unknown"] else answer["predicted"])
     assert error.startswith("Error 415") and "not an image" in error
+
+
+def test_environment_variables_configure_the_slim_server_and_bad_values_are_named(trained):
+    import subprocess
+    import sys
+
+    root, _ = trained
+    serve = str(REPO / "scripts" / "serve.py")
+    port = free_port()
+    env = {**stage_env(), "PORT": str(port), "MODEL": MODEL_FILES["onnx"], "MIN_CONFIDENCE": "0.99",
+           "MAX_UPLOAD_BYTES": "5000", "BLOCKED_MODULES": TRAINING_STACK}
+    with running_server(["-c", WITHOUT_TENSORFLOW, serve], port, cwd=root, env=env, startup_seconds=120) as running:
+        health = requests.get(f"{running.url}/health", timeout=10).json()
+        assert health["min_confidence"] == 0.99 and health["max_upload_bytes"] == 5000
+        assert health["model_file"] == MODEL_FILES["onnx"] and health["model"] == "cnn"
+    for name, value, message in (("MIN_CONFIDENCE", "1.5", "MIN_CONFIDENCE='1.5' is out of range"),
+                                 ("MAX_UPLOAD_BYTES", "lots", "MAX_UPLOAD_BYTES='lots' is not a valid int"),
+                                 ("MODEL", "model.pt", "nor a .keras, .onnx, .tflite file")):
+        result = subprocess.run([sys.executable, serve], cwd=root, capture_output=True, text=True, timeout=120,
+                                env={**stage_env(), "MODEL": MODEL_FILES["onnx"], name: value})
+        assert result.returncode == 2 and message in result.stderr, (name, result.stderr)

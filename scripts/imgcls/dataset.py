@@ -4,18 +4,26 @@ The resized images are one packed uint8 array per size (`images_<size>.npy`,
 memory-mapped on read) beside an index CSV with one row per image. DVC hashes
 a directory output file by file, so tens of thousands of small JPEGs make every
 `dvc status` slow; a few files keep it instant whatever the dataset's size.
+
+pandas is imported only where a table is read, so the photo server (which
+imports this module for its paths) runs without it.
 """
+
+from __future__ import annotations
 
 import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from imgcls.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RAW_DIR = Path("data/raw")
 RESIZED_DIR = Path("data/resized")
@@ -95,6 +103,8 @@ def load_class_names() -> list[str]:
 
 
 def load_manifest() -> pd.DataFrame:
+    import pandas as pd
+
     # Class names stay text even when they look like numbers (digits' classes are "0".."9").
     return pd.read_csv(require(MANIFEST_FILE, "split"), keep_default_na=False, dtype={"label": str, "path": str})
 

@@ -50,21 +50,18 @@ def load_card(model_file: Path | str) -> dict:
     return json.loads(card_file.read_text())
 
 
-def load_model(model_file: Path | str, check_classes: bool = True):
-    """Load a saved model and its card; refuse a model whose classes differ from data/split/classes.txt."""
-    import keras
-
-    import imgcls.calibration  # noqa: F401  (registers the Temperature layer the trainers add)
-
-    model_file = Path(model_file)
-    name = model_file.stem
+def require_model_file(model_file: Path) -> dict:
+    """The card of `model_file`, after checking that the file exists."""
     if not model_file.exists():
-        stage = PRODUCED_BY.get(name)
+        stage = PRODUCED_BY.get(model_file.stem)
         hint = f"run `dvc repro {stage}`" if stage else "check the path"
         raise UserError(f"{model_file} not found: {hint}.")
-    card = load_card(model_file)
-    # safe_mode refuses models that would run arbitrary Python code (Lambda layers) on load.
-    model = keras.saving.load_model(model_file, safe_mode=True)
+    return load_card(model_file)
+
+
+def check_card(model_file: Path, card: dict, outputs: int, check_classes: bool) -> None:
+    """Refuse a model whose classes differ from data/split/classes.txt, or whose outputs differ from its card."""
+    name = card.get("name", model_file.stem)
     if check_classes:
         expected = load_class_names()
         if card["class_names"] != expected:
@@ -72,7 +69,24 @@ def load_model(model_file: Path | str, check_classes: bool = True):
                 f"{model_file} was trained on classes {card['class_names']}, but data/split/classes.txt lists"
                 f" {expected}: retrain it (`dvc repro {PRODUCED_BY.get(name, 'train_cnn')}`)."
             )
-    outputs = model.output_shape[-1]
     if outputs != len(card["class_names"]):
         raise UserError(f"{model_file} has {outputs} outputs but its card lists {len(card['class_names'])} classes: retrain it.")
+
+
+def load_keras(model_file: Path | str):
+    """keras.saving.load_model in safe_mode, with the project's own layers registered first."""
+    import keras
+
+    import imgcls.calibration  # noqa: F401  (registers the Temperature layer the trainers add)
+
+    # safe_mode refuses models that would run arbitrary Python code (Lambda layers) on load.
+    return keras.saving.load_model(model_file, safe_mode=True)
+
+
+def load_model(model_file: Path | str, check_classes: bool = True):
+    """Load a saved model and its card; refuse a model whose classes differ from data/split/classes.txt."""
+    model_file = Path(model_file)
+    card = require_model_file(model_file)
+    model = load_keras(model_file)
+    check_card(model_file, card, model.output_shape[-1], check_classes)
     return model, card

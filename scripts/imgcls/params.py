@@ -210,7 +210,15 @@ class ServeParams(Section):
 
 class ExportParams(Section):
     model: Literal["cnn", "transfer", "best"]
+    formats: list[Literal["tflite", "onnx"]] = Field(min_length=1)
     quantization: Literal["float16", "dynamic"]
+
+    @field_validator("formats")
+    @classmethod
+    def _each_format_once(cls, formats):
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"formats lists a format twice: {formats}")
+        return formats
 
 
 class Params(Section):

@@ -18,7 +18,8 @@ import numpy as np
 from imgcls.dataset import CLASSES_FILE, MODELS_DIR
 from imgcls.errors import UserError
 from imgcls.images import decode_image
-from imgcls.modelio import MODEL_NAMES, PRODUCED_BY, load_card, load_model
+from imgcls.modelio import MODEL_NAMES, PRODUCED_BY, load_card
+from imgcls.runtimes import RUNTIMES, open_model
 from imgcls.sources import JUNK_NAMES
 
 MODEL_CHOICES = (*MODEL_NAMES, "best")
@@ -30,16 +31,18 @@ def _trained_models(models_dir: Path) -> list[str]:
 
 
 def choose_model(choice: str, models_dir: Path = MODELS_DIR) -> Path:
-    """Path of the model named by `choice`: "cnn", "transfer", "best" (higher val_accuracy) or a .keras path."""
+    """Path of the model named by `choice`: "cnn", "transfer", "best" (higher val_accuracy), or the path of a
+    .keras file or of an exported .onnx or .tflite file."""
     models_dir = Path(models_dir)
     if choice not in MODEL_CHOICES:
         path = Path(choice)
-        if path.suffix != ".keras":
+        if path.suffix not in RUNTIMES:
             raise UserError(
-                f"model {choice!r} is neither one of {', '.join(MODEL_CHOICES)} nor a .keras file: give a model name or path."
+                f"model {choice!r} is neither one of {', '.join(MODEL_CHOICES)} nor a {', '.join(RUNTIMES)} file:"
+                " give a model name or path."
             )
         if not path.exists():
-            raise UserError(f"{path} not found: give the path of a trained .keras model (its .json card beside it).")
+            raise UserError(f"{path} not found: give the path of a trained model file (its .json card beside it).")
         return path
     if choice != "best":
         path = models_dir / f"{choice}.keras"
@@ -129,7 +132,10 @@ class Prediction:
 
 
 class Classifier:
-    """A loaded model with its card: decodes photos the card's way and classifies them in batches."""
+    """A loaded model with its card: decodes photos the card's way and classifies them in batches.
+
+    The model file is a .keras model or an exported .onnx or .tflite file; `runtime` runs it (imgcls.runtimes).
+    """
 
     def __init__(self, model_file: Path | str, top_k: int = 3, min_confidence: float | str = 0.5, batch_size: int = 32,
                  check_classes: bool | None = None):
@@ -138,7 +144,7 @@ class Classifier:
         # outside it (a copied model), the card alone says what the outputs mean.
         if check_classes is None:
             check_classes = CLASSES_FILE.exists()
-        self.model, self.card = load_model(self.model_file, check_classes=check_classes)
+        self.runtime, self.card = open_model(self.model_file, check_classes=check_classes)
         self.name = self.card.get("name", self.model_file.stem)
         self.class_names = list(self.card["class_names"])
         self.image_size = int(self.card["image_size"])
@@ -168,7 +174,7 @@ class Classifier:
                 padded = min(self.batch_size, 1 << (count - 1).bit_length())
                 if padded > count:
                     batch = np.concatenate([batch, np.zeros((padded - count, *batch.shape[1:]), np.float32)])
-                outputs.append(np.asarray(self.model.predict_on_batch(batch))[:count])
+                outputs.append(np.asarray(self.runtime.predict(batch))[:count])
         if not outputs:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
         return np.concatenate(outputs)
