@@ -194,7 +194,8 @@ def from_environment(name: str, default, convert=str, low=None, high=None):
     try:
         value = convert(text)
     except ValueError:
-        raise UserError(f"{name}={text!r} is not a valid {convert.__name__}: unset it or give a number.") from None
+        raise UserError(f"{name}={text!r} is not a valid {convert.__name__}: unset it or give a number"
+                        + (" (or auto)." if name == "MIN_CONFIDENCE" else ".")) from None
     if (low is not None and value < low) or (high is not None and value > high):
         limits = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise UserError(f"{name}={text!r} is out of range: it must be {limits}.")
@@ -218,9 +219,12 @@ def main(argv=None) -> None:
     if not 0 < arguments.port < 65536:
         raise UserError(f"port {arguments.port} is not a TCP port: set PORT (or --port) to 1..65535.")
     params = load_params()
-    device.choose_backend()
     model_file = choose_model(arguments.model or params.predict_new.model)
-    min_confidence = from_environment("MIN_CONFIDENCE", params.predict_new.min_confidence, float, 0, 1)
+    if model_file.suffix == ".keras":  # an exported file needs no Keras backend at all
+        device.choose_backend()
+    min_confidence = params.predict_new.min_confidence
+    if os.environ.get("MIN_CONFIDENCE", "") != "auto":
+        min_confidence = from_environment("MIN_CONFIDENCE", min_confidence, float, 0, 1)
     max_upload_bytes = from_environment("MAX_UPLOAD_BYTES", params.serve.max_upload_bytes, int, 1024)
     classifier = Classifier(model_file, top_k=params.predict_new.top_k, min_confidence=min_confidence,
                             batch_size=SERVE_BATCH,
