@@ -39,7 +39,7 @@ def main() -> None:
 
     import keras
 
-    from imgcls import training
+    from imgcls import flops, training
 
     started = time.perf_counter()
     training.seed_everything(params.seed)
@@ -142,7 +142,9 @@ def main() -> None:
     training.save_trained_model(classifier, NAME, card)
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
                                               images_seen=len(train_labels) * best.epochs_seen,
-                                              parameters=int(classifier.count_params()), **timings)
+                                              parameters=int(classifier.count_params()), **timings,
+                                              **flops.transfer_flops(section, base, head, classifier, log,
+                                                                     len(train_labels), len(val_labels)))
     print(f"train_transfer: best {section.monitor} {best.best_value:.4f} (val accuracy"
           f" {best.best_logs['val_accuracy']:.4f}) at epoch {best.best_epoch}/{best.epochs_seen};"
           f" {metrics['train_seconds']:.0f} s; saved models/{NAME}.keras")
