@@ -171,3 +171,11 @@ def transfer_flops(section, base, head, classifier, log, train_images: int, val_
         "evaluation_flops_per_image": whole,
         "evaluation_flops": whole * _test_images(),
     }
+
+
+def format_flops(flops: float) -> str:
+    """'0.153 PFLOP', '12.4 TFLOP', '236 MFLOP': three significant figures in the largest unit below the count."""
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if flops >= size:
+            return f"{flops / size:.3g} {unit}"
+    return f"{flops:.0f} FLOP"
