@@ -22,20 +22,22 @@ def main() -> None:
     class_names, (train_pixels, train_labels), (val_pixels, val_labels) = load_training_data(image_size)
     # Keras is imported only now, so a bad params.yaml fails in a fraction of a second.
     device.choose_backend()
-    from imgcls import training
+    from imgcls import flops, training
     from imgcls.calibration import calibrate
-    from imgcls.cnn import build_cnn, with_test_time_augmentation
+    from imgcls.cnn import batch_norm_bias_rates, build_cnn, with_test_time_augmentation
 
     run = training.start_run("train_cnn", section, params.seed, params.distribution, image_size)
     num_classes = len(class_names)
     weights = training.class_weights(train_labels, num_classes, section.class_weight)
     train = run.batches(train_pixels, train_labels, num_classes, section.batch_size, shuffle=True, seed=params.seed,
-                        class_weights=weights)
+                        class_weights=weights, kind=training.AlternatingFlips if section.alternate_flips else None)
     val = run.batches(val_pixels, val_labels, num_classes, batch_size=max(section.batch_size, 64))
 
     model = build_cnn(num_classes, image_size, section, params.seed, train_images=train_pixels)
     optimizer = training.build_optimizer(section.optimizer, section.learning_rate, section.schedule, section.epochs,
-                                         len(train), section.warmup_epochs, section.weight_decay)
+                                         len(train), section.warmup_epochs, section.weight_decay,
+                                         batch_norm_bias_rates(model, section.batch_norm_bias_lr_scale),
+                                         section.ema_momentum, section.ema_every)
     training.compile_classifier(model, optimizer, section.label_smoothing, section.jit_compile)
     print(f"train_cnn: {model.count_params():,} parameters, {len(train_labels)} training and {len(val_labels)}"
           f" validation images, {num_classes} classes")
@@ -63,7 +65,9 @@ def main() -> None:
     training.save_trained_model(model, NAME, card)
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
                                               images_seen=best.epochs_seen * len(train_labels),
-                                              parameters=int(trained.count_params()), trained_on=run.device)
+                                              parameters=int(trained.count_params()), trained_on=run.device,
+                                              **flops.cnn_flops(trained, model, len(train_labels), len(val_labels),
+                                                                best.epochs_seen))
     run.state.finish()
     print(f"train_cnn: best {section.monitor} {best.best_value:.4f} at epoch {best.best_epoch}/{best.epochs_seen};"
           f" {metrics['train_seconds']:.0f} s, {metrics['images_per_second']} images/s; saved models/{NAME}.keras")

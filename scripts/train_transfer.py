@@ -68,7 +68,10 @@ def main() -> None:
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
                                               images_seen=len(data.train_labels) * best.epochs_seen,
                                               parameters=int(net.classifier.count_params()), trained_on=run.device,
-                                              **timings)
+                                              **timings, **flops.transfer_flops(section, net.base, net.head,
+                                                                                net.classifier, log,
+                                                                                len(data.train_labels),
+                                                                                len(data.val_labels)))
     run.state.finish()
     print(f"train_transfer: best {section.monitor} {best.best_value:.4f} (val accuracy"
           f" {best.best_logs['val_accuracy']:.4f}) at epoch {best.best_epoch}/{best.epochs_seen};"

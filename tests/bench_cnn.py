@@ -65,12 +65,16 @@ def _train_and_evaluate(workdir: Path, overrides: dict | None) -> dict:
     test = json.loads((workdir / "reports/evaluate/metrics.json").read_text())["cnn"]
     return {"test_accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "train_seconds": training["train_seconds"],
             "stage_seconds": stage_seconds, "images_per_second": training["images_per_second"],
-            "epochs": training["epochs_run"], "val_accuracy": training["val_accuracy"]}
+            "epochs": training["epochs_run"], "val_accuracy": training["val_accuracy"],
+            "training_flops": training["training_flops"]}
 
 
 def run(workdir: Path) -> list[dict]:
     """Train and evaluate the baseline and the default CNN in `workdir`; return the benchmark rows."""
     workdir = Path(workdir)
+    sys.path.insert(0, str(workdir / "scripts"))
+    from imgcls.flops import format_flops
+
     baseline = _train_and_evaluate(workdir, BASELINE)
     default = _train_and_evaluate(workdir, None)
     note = (f"default: {default['epochs']} epochs, macro F1 {default['macro_f1']:.3f};"
@@ -79,6 +83,7 @@ def run(workdir: Path) -> list[dict]:
         {"benchmark": "train_cnn: test accuracy on gear (goal >= 96%)",
          "value": f"{default['test_accuracy']:.1%}", "baseline": f"{baseline['test_accuracy']:.1%} (seeds' net)",
          "ratio": f"{(1 - baseline['test_accuracy']) / max(1 - default['test_accuracy'], 1e-9):.2f}x fewer errors",
+         "flops": f"{format_flops(default['training_flops'])} (baseline {format_flops(baseline['training_flops'])})",
          "note": note},
         {"benchmark": "train_cnn: stage time, 2 CPU cores (goal <= 10 min)",
          "value": f"{default['stage_seconds']:.0f} s", "baseline": f"{baseline['stage_seconds']:.0f} s (seeds' net)",

@@ -94,6 +94,8 @@ def run(workdir: Path) -> list[dict]:
     output = subprocess.run(["python", str(Path(__file__).resolve()), "--measure", str(workdir)], cwd=workdir,
                             env=env, check=True, capture_output=True, text=True).stdout
     measured = json.loads(output.strip().splitlines()[-1])
+    sys.path.insert(0, str(workdir / "scripts"))
+    from imgcls.flops import format_flops
 
     what = f"{measured['base']} {measured['input_size']} px, {measured['test_images']} test images"
     cached = measured["cached_phase1_seconds"]
@@ -103,6 +105,7 @@ def run(workdir: Path) -> list[dict]:
          "value": f"{measured['stage_accuracy']:.2%}",
          "baseline": f"linear probe {measured['probe_accuracy']:.2%}",
          "ratio": f"{measured['stage_accuracy'] / measured['probe_accuracy']:.4f}",
+         "flops": format_flops(trained["training_flops"]),
          "note": "probe: LogisticRegression on the frozen base's pooled features, same split; target >= 99.5%"},
         {"benchmark": "train_transfer wall-clock (default params)",
          "value": f"{stage_seconds:.0f} s",

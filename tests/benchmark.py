@@ -10,6 +10,12 @@ device: TensorFlow against JAX and the input pipeline's efficiency (`make bench-
 near_duplicates needs no gear photos: it reads CIFAR-10 (tests/bench_near_duplicates.py); soak: the
 servers' memory under 10,000 mixed requests; images: the serving image's size and start-up (needs
 podman or docker).
+
+`--only cifar` (not part of the default run: hours on a CPU at full budget)
+trains the CIFAR-10 preset through the pipeline on a local copy of CIFAR-10,
+at `--budget` PFLOP of training (see tests/bench_cifar.py):
+
+    python tests/benchmark.py --only cifar --budget 0.15 [--cifar-runs preset,previous]
 """
 
 import argparse
@@ -30,9 +36,10 @@ from PIL import Image
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path[:0] = [str(REPO / "scripts"), str(TESTS)]
-SECTIONS = ("data", "cnn", "transfer", "predict", "device", "near_duplicates", "soak", "images")
-# Sections that need no data stages run in the workdir first.
-STANDALONE_SECTIONS = {"near_duplicates"}
+SECTIONS = ("data", "cnn", "transfer", "predict", "device", "near_duplicates", "soak", "images")  # `make bench`
+EXTRA_SECTIONS = ("cifar",)  # only when asked for
+# Sections that need no gear photos in the work folder.
+STANDALONE_SECTIONS = {"near_duplicates", *EXTRA_SECTIONS}
 
 
 def environment() -> dict[str, str]:
@@ -181,8 +188,8 @@ def noop_rows(workdir: Path) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = ["benchmark", "value", "baseline", "ratio", "note"]
-    print("| " + " | ".join(columns) + " |")
+    columns = ["benchmark", "value", "baseline", "ratio", "flops", "note"]
+    print("| " + " | ".join("training FLOPs" if column == "flops" else column for column in columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row.get(column, "")) for column in columns) + " |")
@@ -190,13 +197,23 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help="comma-separated sections: " + ", ".join(SECTIONS + EXTRA_SECTIONS))
     parser.add_argument("--keep", type=Path, help="work in this (new) folder and keep it afterwards")
+    parser.add_argument("--budget", type=float, help="cifar: PFLOP of training (default: the preset's own epochs)")
+    parser.add_argument("--cifar-data", type=Path, help="cifar: CIFAR-10 laid out train/<class>/… and test/<class>/…"
+                        " (default ../shared/data/datasets/cifar10-jpeg.tar.gz beside the repository)")
+    parser.add_argument("--cifar-runs", default="preset",
+                        help="cifar: preset, previous (the preset before airbench's ideas, the baseline) or both,"
+                             " comma-separated")
     arguments = parser.parse_args()
     sections = [name for name in arguments.only.split(",") if name]
-    unknown = sorted(set(sections) - set(SECTIONS))
+    unknown = sorted(set(sections) - set(SECTIONS + EXTRA_SECTIONS))
     if unknown:
-        parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+        parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS + EXTRA_SECTIONS}")
+    cifar_runs = tuple(name for name in arguments.cifar_runs.split(",") if name)
+    if not cifar_runs or set(cifar_runs) - {"preset", "previous"}:
+        parser.error(f"--cifar-runs {arguments.cifar_runs!r}: choose preset, previous or both")
 
     scratch = None
     if arguments.keep:
@@ -212,7 +229,7 @@ def main() -> None:
         elif set(sections) - STANDALONE_SECTIONS:
             run([sys.executable, "-m", "dvc", "repro", "split"], workdir)
         for name in sections:
-            if name == "data":
+            if name in ("data", *EXTRA_SECTIONS):
                 continue
             try:
                 module = importlib.import_module(f"bench_{name}")
@@ -221,8 +238,12 @@ def main() -> None:
                 continue
             rows += module.run(workdir)
             print(f"({name} done)", file=sys.stderr)
-        if set(sections) == set(SECTIONS):
+        if set(SECTIONS) <= set(sections):
             rows += noop_rows(workdir)
+        if "cifar" in sections:  # last: it replaces the gear photos in the work folder with CIFAR-10
+            from bench_cifar import DEFAULT_DATA, run_section
+
+            rows += run_section(workdir, arguments.budget, arguments.cifar_data or DEFAULT_DATA, cifar_runs)
     finally:
         print_table(rows)
         if scratch:

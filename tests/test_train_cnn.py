@@ -120,6 +120,60 @@ def test_one_cycle_and_cosine_schedules_warm_up_then_decay_to_zero():
     assert constant.weight_decay == pytest.approx(0.01)
 
 
+def test_alternating_flips_mirror_each_image_on_every_other_epoch():
+    from imgcls.training import AlternatingFlips
+
+    # Each image's columns count 0..3, so a mirrored image starts with 3.
+    images = np.tile(np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1), (40, 4, 1, 3))
+    labels = np.zeros(40, dtype=int)
+
+    def mirrored_by_image(batches):
+        order = batches.order
+        pixels = np.concatenate([batches[index][0] for index in range(len(batches))])
+        flags = np.empty(len(order), dtype=bool)
+        flags[order] = pixels[:, 0, 0, 0] == 3
+        return flags
+
+    batches = AlternatingFlips(images, labels, num_classes=1, batch_size=16, shuffle=True, seed=5)
+    epochs = []
+    for _ in range(3):
+        epochs.append(mirrored_by_image(batches))
+        batches.on_epoch_end()
+    assert 10 < epochs[0].sum() < 30  # about half start mirrored
+    assert np.array_equal(epochs[1], ~epochs[0]) and np.array_equal(epochs[2], epochs[0])
+    again = AlternatingFlips(images, labels, num_classes=1, batch_size=16, shuffle=True, seed=5)
+    assert np.array_equal(mirrored_by_image(again), epochs[0])  # seeded
+
+
+def test_identity_init_passes_the_first_channels_through():
+    from imgcls.cnn import identity_kernel
+
+    rng = np.random.default_rng(0)
+    kernel = identity_kernel(rng.normal(size=(3, 3, 4, 6)))
+    image = rng.normal(size=(5, 5, 4))
+    centre = np.einsum("abio,abi->o", kernel, image[1:4, 1:4])  # the convolution's output at pixel (2, 2)
+    np.testing.assert_allclose(centre[:4], image[2, 2])
+    assert np.abs(kernel[..., 4:]).sum() > 0  # filters beyond the inputs keep their random start
+    assert identity_kernel(np.zeros((3, 3, 6, 4)))[1, 1].tolist() == np.eye(6, 4).tolist()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_scaled_rates_multiply_the_learning_rate_of_the_named_variables(name):
+    import keras
+
+    from imgcls.training import build_optimizer
+
+    plain, fast = keras.Variable(np.zeros(3), name="kernel"), keras.Variable(np.zeros(3), name="beta")
+    optimizer = build_optimizer(name, 0.1, "constant", epochs=1, steps_per_epoch=1, rate_scales={fast.path: 64.0})
+    for _ in range(3):
+        optimizer.apply([keras.ops.ones(3), keras.ops.ones(3)], [plain, fast])
+    moved_plain, moved_fast = (keras.ops.convert_to_numpy(variable) for variable in (plain, fast))
+    np.testing.assert_allclose(moved_fast, 64 * moved_plain, rtol=1e-5)
+    assert moved_plain[0] < 0
+    unscaled = build_optimizer(name, 0.1, "constant", epochs=1, steps_per_epoch=1)
+    assert type(unscaled) in (keras.optimizers.SGD, keras.optimizers.Adam)  # the defaults build the plain ones
+
+
 def test_augmentation_leaves_out_changes_set_to_zero():
     from imgcls.params import AugmentParams
     from imgcls.training import augmentation
@@ -160,6 +214,12 @@ def test_train_cnn_keeps_the_best_epoch_writes_curves_and_is_reproducible(prepar
     assert card["name"] == "cnn" and card["class_names"] == ["class_0", "class_1", "class_2"]
     assert card["image_size"] == 32 and card["val_accuracy"] == metrics["val_accuracy"]
     assert metrics["epochs_run"] == 4 and 1 <= metrics["best_epoch"] <= 4
+    # FLOPs: 3 forward passes per training image per epoch; evaluation runs the saved model over the test split.
+    splits = [line.split(",")[-1] for line in (root / "data/split/manifest.csv").read_text().splitlines()[1:]]
+    assert metrics["forward_flops_per_image"] > 0
+    assert metrics["training_flops"] == 3 * metrics["forward_flops_per_image"] * splits.count("train") * 4
+    assert metrics["validation_flops"] == metrics["forward_flops_per_image"] * splits.count("val") * 4
+    assert metrics["evaluation_flops"] == metrics["forward_flops_per_image"] * splits.count("test")
     history = (root / "reports/cnn/history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,phase,loss,accuracy,val_loss,val_accuracy") and len(history) == 5
     best_row = history[metrics["best_epoch"]].split(",")
@@ -247,9 +307,41 @@ def test_the_fast_cnn_options_train_and_load_safely(prepared):
     assert {"mirror", "view0_up_left_columns", "view1_down_right_columns"} <= set(outer)
     card = read_json(prepared.root / "models/cnn.json")
     assert card["test_time_flip"] is True and card["test_time_shift"] is True
+    metrics = read_json(prepared.root / "reports/cnn/train.json")  # six views: six times the network's FLOPs, and more
+    assert metrics["evaluation_flops_per_image"] > 6 * metrics["forward_flops_per_image"]
     assert result["accuracy"] == pytest.approx(card["val_accuracy"], abs=1e-6)
     assert card["temperature"] > 0 and card["val_log_loss"]["after"] <= card["val_log_loss"]["before"]
     assert 0 < card["confidence_threshold"] <= 1 and card["target_coverage"] == 0.99
+
+
+# Every option from airbench's ablations at once: identity init, fast batch-norm statistics, 64x learning rate on
+# the batch-norm offsets, a moving average of the weights reset into them every 4 steps, alternating flips.
+AIRBENCH_OPTIONS = {"train_cnn.identity_init": True, "train_cnn.batch_norm_momentum": 0.4,
+                    "train_cnn.batch_norm_bias_lr_scale": 64.0, "train_cnn.optimizer": "sgd",
+                    "train_cnn.ema_momentum": 0.8, "train_cnn.ema_every": 4, "train_cnn.alternate_flips": True,
+                    "train_cnn.augment.flip": "none", "train_cnn.convs_per_block": 2}
+
+
+def test_the_airbench_options_train_reproducibly_and_save_the_averaged_weights(prepared):
+    prepared.set_params(**{**TINY, **AIRBENCH_OPTIONS, "train_cnn.epochs": 3})
+    prepared.stage("train_cnn")
+    root = prepared.root
+    card = read_json(root / "models/cnn.json")
+    saved = inspect_saved_cnn(root)
+    # The saved model loads in safe_mode and scores what was validated: the averaged weights of the best epoch.
+    assert saved["accuracy"] == pytest.approx(card["val_accuracy"], abs=1e-6)
+    history = [line.split(",")[:6] for line in (root / "reports/cnn/history.csv").read_text().splitlines()]
+    prepared.stage("train_cnn")
+    again = [line.split(",")[:6] for line in (root / "reports/cnn/history.csv").read_text().splitlines()]
+    assert again == history
+
+
+def test_the_airbench_options_run_on_jax_without_tensorflow(prepared):
+    prepared.set_params(**{**TINY, **AIRBENCH_OPTIONS, "train_cnn.epochs": 2})
+    result = prepared.stage_on_jax_without_tensorflow("train_cnn")
+    assert "backend jax" in result.stdout and "tensorflow modules: []" in result.stdout
+    card = read_json(prepared.root / "models/cnn.json")
+    assert card["backend"] == "jax" and 0 <= card["val_accuracy"] <= 1
 
 
 def test_train_cnn_runs_on_jax_without_tensorflow(prepared):
@@ -297,6 +389,20 @@ def test_out_of_range_params_name_the_key(prepared):
     assert result.returncode == 2 and "warmup_epochs (2) must be less than epochs (2)" in result.stderr
 
 
+def test_conflicting_airbench_options_say_what_to_change():
+    from pydantic import ValidationError
+
+    from imgcls.params import TrainCnnParams
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
+    with pytest.raises(ValidationError, match="set augment.flip to none .or vertical., not horizontal"):
+        TrainCnnParams.model_validate({**params, "alternate_flips": True})
+    with pytest.raises(ValidationError, match=r"ema_every \(5\) needs an ema_momentum above 0"):
+        TrainCnnParams.model_validate({**params, "ema_every": 5})
+    with pytest.raises(ValidationError, match="batch_norm_bias_lr_scale"):
+        TrainCnnParams.model_validate({**params, "batch_norm_bias_lr_scale": 0})
+
+
 def test_resized_images_that_do_not_match_params_ask_for_resize(prepared):
     prepared.set_params(**TINY, **{"resize.image_size": 48})
     result = prepared.stage("train_cnn", check=False)
@@ -324,13 +430,14 @@ def test_a_training_that_never_has_finite_losses_says_to_lower_the_learning_rate
     assert best.best_epoch == 4 and best.best_logs["val_loss"] == 1.1
 
 
-def test_the_cifar10_preset_prints_valid_params_overrides():
+@pytest.mark.parametrize("preset, filters", [("cifar10", "[56,224,224]"), ("cifar10-airbench", "[64,256,256]")])
+def test_the_cifar10_presets_print_valid_params_overrides(preset, filters):
     from imgcls.params import Params
 
-    result = subprocess.run([sys.executable, "scripts/preset.py", "cifar10"], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "scripts/preset.py", preset], cwd=REPO, capture_output=True,
                             text=True, check=True)
     arguments = result.stdout.split()
-    assert arguments[:2] == ["-S", "data.source=cifar10"] and "train_cnn.filters=[56,224,224]" in arguments
+    assert arguments[:2] == ["-S", "data.source=cifar10"] and f"train_cnn.filters={filters}" in arguments
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for setting in arguments[1::2]:
         key, _, value = setting.partition("=")

@@ -160,6 +160,11 @@ def test_both_phases_train_and_save_a_self_contained_model(prepared):
     assert (root / "reports/transfer/live/plots/metrics/val/loss.tsv").exists()
     metrics = json.loads((root / "reports/transfer/train.json").read_text())
     assert {"val_accuracy", "cache_seconds", "feature_seconds", "head_seconds", "fine_tune_seconds"} <= metrics.keys()
+    phases = [metrics[f"training_flops_{part}"] for part in ("cache", "head", "fine_tune")]
+    assert min(phases) > 0 and metrics["training_flops"] == sum(phases)
+    # On cached activations a fine-tuning epoch trains only the top of the base: less than 3 whole passes per image.
+    train_images = pd.read_csv(root / "data/split/manifest.csv")["split"].eq("train").sum()
+    assert 0 < metrics["training_flops_fine_tune"] < 3 * metrics["forward_flops_per_image"] * train_images
 
     # The saved model loads in safe mode (no Lambda layers) and predicts from 0..255 pixels alone.
     check = (
@@ -185,6 +190,11 @@ def test_augmentation_afresh_every_epoch_trains_both_phases_on_images(prepared):
     assert list(history["phase"]) == ["head", "fine-tune"]
     metrics = json.loads((prepared.root / "reports/transfer/train.json").read_text())
     assert "feature_seconds" not in metrics and "cache_seconds" not in metrics
+    # Every epoch on images: the frozen bottom forward once, the trained part three times, per training image.
+    train_images = pd.read_csv(prepared.root / "data/split/manifest.csv")["split"].eq("train").sum()
+    assert metrics["training_flops_cache"] == 0
+    assert metrics["forward_flops_per_image"] * train_images < metrics["training_flops_fine_tune"]
+    assert metrics["training_flops_fine_tune"] < 3 * metrics["forward_flops_per_image"] * train_images
 
 
 @pytest.mark.parametrize("changes, message", [

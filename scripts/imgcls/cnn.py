@@ -14,6 +14,11 @@ CIFAR-10 training literature, e.g. Page's ResNet-9 and Jordan's airbench):
   plain SGD otherwise spends epochs learning.
 - pool_after "first": each block pools right after its first convolution, so
   its other convolutions run at a quarter of the pixels.
+Three more come from airbench's ablations (Jordan, github.com/KellerJordan/cifar10-airbench):
+- identity_init: each 3x3 convolution starts as the identity on its first
+  input channels, so the stack starts close to passing its input through;
+- batch_norm_momentum: how slowly the running statistics follow the weights;
+- batch_norm_bias_lr_scale (see batch_norm_bias_rates and training.build_optimizer).
 """
 
 import keras
@@ -127,12 +132,38 @@ def _map_axis(x, matrix: np.ndarray, axis: int, name: str):
 
 def _convolution(x, filters: int, section, prefix: str, number: int):
     """3x3 convolution, optional batch normalisation, activation."""
-    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not section.batch_norm,
-                            kernel_initializer="he_normal", name=f"{prefix}conv{number}")(x)
+    convolution = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not section.batch_norm,
+                                      kernel_initializer="he_normal", name=f"{prefix}conv{number}")
+    x = convolution(x)
+    if section.identity_init:
+        # The weights are set, not the initializer: the saved config keeps plain he_normal.
+        convolution.kernel.assign(identity_kernel(keras.ops.convert_to_numpy(convolution.kernel)))
     if section.batch_norm:
-        # momentum 0.9 (not 0.99): running statistics must settle within a short training.
-        x = keras.layers.BatchNormalization(momentum=0.9, name=f"{prefix}norm{number}")(x)
+        # momentum 0.9 (the default; not Keras' 0.99): running statistics must settle within a short training.
+        x = keras.layers.BatchNormalization(momentum=section.batch_norm_momentum, name=f"{prefix}norm{number}")(x)
     return keras.layers.Activation(section.activation, name=f"{prefix}{section.activation}{number}")(x)
+
+
+def identity_kernel(kernel: np.ndarray) -> np.ndarray:
+    """`kernel` (k, k, inputs, outputs) whose first min(inputs, outputs) filters copy their own input channel.
+
+    Filter i becomes 1 at the centre of input channel i and 0 elsewhere (a
+    "dirac" start); the other filters keep their random values.
+    """
+    kernel = np.array(kernel, copy=True)
+    height, width, inputs, outputs = kernel.shape
+    channels = np.arange(min(inputs, outputs))
+    kernel[..., channels] = 0
+    kernel[height // 2, width // 2, channels, channels] = 1
+    return kernel
+
+
+def batch_norm_bias_rates(model: keras.Model, scale: float) -> dict[str, float] | None:
+    """{variable path: learning-rate factor} for the batch-normalisation offsets, or None when the factor is 1."""
+    if scale == 1:
+        return None
+    return {layer.beta.path: scale for layer in model.layers
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.center}
 
 
 def _whitening_stem(x, sample: np.ndarray, resize, activation: str):

@@ -103,6 +103,9 @@ class TrainCnnParams(Section):
     convs_per_block: int = Field(ge=1, le=8)
     pool_after: Literal["first", "last"]
     batch_norm: bool
+    batch_norm_momentum: float = Field(ge=0, lt=1)
+    batch_norm_bias_lr_scale: float = Field(gt=0, le=1000)
+    identity_init: bool
     activation: Literal["relu", "gelu"]
     pooling: Literal["global_average", "global_max", "flatten"]
     dense_units: list[Annotated[int, Field(ge=1)]]
@@ -111,11 +114,14 @@ class TrainCnnParams(Section):
     test_time_flip: bool
     test_time_shift: bool
     augment: AugmentParams
+    alternate_flips: bool
     optimizer: Literal["adam", "sgd"]
     learning_rate: float = Field(gt=0, le=10)
     schedule: Literal["constant", "cosine", "one_cycle"]
     warmup_epochs: float = Field(ge=0)
     weight_decay: float = Field(ge=0, lt=1)
+    ema_momentum: float = Field(ge=0, lt=1)
+    ema_every: int = Field(ge=0)
     label_smoothing: float = Field(ge=0, lt=1)
     batch_size: int = Field(ge=1, le=4096)
     epochs: int = Field(ge=1, le=10000)
@@ -129,6 +135,19 @@ class TrainCnnParams(Section):
     def _warmup_within_training(self):
         if self.warmup_epochs >= self.epochs and self.schedule != "constant":
             raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must be less than epochs ({self.epochs})")
+        return self
+
+    @model_validator(mode="after")
+    def _one_kind_of_flip(self):
+        if self.alternate_flips and self.augment.flip in ("horizontal", "horizontal_and_vertical"):
+            raise ValueError("alternate_flips mirrors each image on every other epoch itself: set augment.flip to"
+                             f" none (or vertical), not {self.augment.flip}")
+        return self
+
+    @model_validator(mode="after")
+    def _ema_settings(self):
+        if self.ema_every and not self.ema_momentum:
+            raise ValueError(f"ema_every ({self.ema_every}) needs an ema_momentum above 0 (the average it resets to)")
         return self
 
 

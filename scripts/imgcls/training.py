@@ -197,6 +197,26 @@ def predict(model: keras.Model, batches: ImageBatches) -> np.ndarray:
     return model.predict(batches, verbose=0)[:len(batches.images)]
 
 
+class AlternatingFlips(ImageBatches):
+    """ImageBatches whose images are mirrored left-right on every other epoch, instead of at random.
+
+    Which half of the images starts mirrored is drawn once from the seed; from
+    then on each image flips at every epoch, so any two epochs in a row show
+    every image both ways round (random flips show a quarter of them the same
+    way twice). The batches are the same for the same seed.
+    """
+
+    def __init__(self, *arguments, **keywords):
+        super().__init__(*arguments, **keywords)
+        self.mirrored_first = np.random.default_rng([self.seed, 0, 1]).random(len(self.images)) < 0.5
+
+    def inputs(self, picked: np.ndarray):
+        pixels = super().inputs(picked)
+        mirrored = self.mirrored_first[picked] ^ (self.epoch % 2 == 1)
+        pixels[mirrored] = pixels[mirrored, :, ::-1]
+        return pixels
+
+
 def augmentation(section, seed: int) -> keras.Sequential:
     """A keras.Sequential of random preprocessing layers from an AugmentParams section.
 
@@ -280,20 +300,63 @@ def learning_rate_schedule(learning_rate: float, schedule: str, epochs: int, ste
     raise ValueError(f"schedule must be constant, cosine or one_cycle, got {schedule!r}")
 
 
+class ScaledRates:
+    """Optimizer mixin: some variables (by path) learn at a multiple of the learning rate.
+
+    Each step hands those variables' update a learning rate times their
+    factor, on every backend (TensorFlow and JAX both update one variable at a
+    time through update_step). Weight decay is unaffected.
+    """
+
+    def __init__(self, *arguments, rate_scales: dict[str, float], **keywords):
+        super().__init__(*arguments, **keywords)
+        self.rate_scales = dict(rate_scales)
+
+    def build(self, variables):
+        super().build(variables)
+        self.scale_by_index = {self._get_variable_index(variable): self.rate_scales[variable.path]
+                               for variable in variables if variable.path in self.rate_scales}
+
+    def update_step(self, gradient, variable, learning_rate):
+        scale = self.scale_by_index.get(self._get_variable_index(variable), 1.0)
+        super().update_step(gradient, variable, learning_rate if scale == 1.0 else learning_rate * scale)
+
+    def get_config(self):
+        return {**super().get_config(), "rate_scales": self.rate_scales}
+
+
+class ScaledRatesAdam(ScaledRates, keras.optimizers.Adam):
+    pass
+
+
+class ScaledRatesSGD(ScaledRates, keras.optimizers.SGD):
+    pass
+
+
 def build_optimizer(name: str, learning_rate: float, schedule: str, epochs: int, steps_per_epoch: int,
-                    warmup_epochs: float = 0.0, weight_decay: float = 0.0) -> keras.optimizers.Optimizer:
+                    warmup_epochs: float = 0.0, weight_decay: float = 0.0, rate_scales: dict[str, float] | None = None,
+                    ema_momentum: float = 0.0, ema_every: int = 0) -> keras.optimizers.Optimizer:
     """An optimizer ("adam" or "sgd" with Nesterov momentum 0.9) with a learning-rate schedule.
 
     See learning_rate_schedule for the schedules. weight_decay is decoupled
     (AdamW-style: each step shrinks kernels by rate x weight_decay) and spares
-    biases and batch-norm scales and offsets.
+    biases and batch-norm scales and offsets. rate_scales ({variable path:
+    factor}) makes those variables learn faster or slower (ScaledRates).
+    ema_momentum > 0 keeps Keras' moving average of the weights (use_ema),
+    which train_phase validates and keeps; ema_every > 0 also resets the
+    weights to it every that many steps.
     """
     rate = learning_rate_schedule(learning_rate, schedule, epochs, steps_per_epoch, warmup_epochs)
     decay = weight_decay or None
+    options = {"learning_rate": rate, "weight_decay": decay}
+    if ema_momentum:
+        options.update(use_ema=True, ema_momentum=ema_momentum, ema_overwrite_frequency=ema_every or None)
+    if rate_scales:
+        options["rate_scales"] = rate_scales
     if name == "adam":
-        optimizer = keras.optimizers.Adam(learning_rate=rate, weight_decay=decay)
+        optimizer = (ScaledRatesAdam if rate_scales else keras.optimizers.Adam)(**options)
     elif name == "sgd":
-        optimizer = keras.optimizers.SGD(learning_rate=rate, momentum=0.9, nesterov=True, weight_decay=decay)
+        optimizer = (ScaledRatesSGD if rate_scales else keras.optimizers.SGD)(momentum=0.9, nesterov=True, **options)
     else:
         raise ValueError(f"optimizer must be adam or sgd, got {name!r}")
     if decay:
@@ -543,13 +606,20 @@ def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epoc
     log.start_phase(phase)
     # TerminateOnNaN: once the loss is NaN no later epoch can recover, so stop at once.
     callbacks = [best, log, keras.callbacks.TerminateOnNaN()]
-    early_stopping = None
+    early_stopping = swap = None
+    if getattr(model.optimizer, "use_ema", False):  # validate and keep the averaged weights (swapped in first)
+        swap = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
+        callbacks.insert(0, swap)
     if patience > 0:
         early_stopping = keras.callbacks.EarlyStopping(monitor=best.monitor, mode=best.mode, patience=patience)
         callbacks.append(early_stopping)
     first_epoch = 0
     if state is not None:
         first_epoch = state.resume(phase, model, train, log, best)
+        if swap is not None and first_epoch:
+            # The state was saved at an epoch's end, with the averaged weights swapped into the model:
+            # the callback must swap them back before the next epoch, as it would have.
+            swap._ema_weights_in_model = True
         if state.stopped_early:
             first_epoch = epochs  # it had stopped before its last epoch: nothing is left to run
         callbacks.append(state.callback(phase, log, best, early_stopping))

@@ -1,0 +1,181 @@
+"""How much arithmetic a model costs: forward FLOPs per image, counted from the built Keras model.
+
+The count is analytic, layer by layer, and one multiply-add counts as 2 FLOPs:
+- convolutions (Conv1D/2D/3D, grouped): 2 x output positions x output channels
+  x kernel size x input channels per group;
+- depthwise convolutions: 2 x output positions x channels x depth multiplier x kernel size;
+- separable convolutions: their depthwise part plus a 1x1 convolution;
+- Dense layers: 2 x inputs x units, times every position a Dense over a
+  non-flat tensor is applied at.
+Left out, because each costs a few FLOPs per value where a 3x3 convolution over
+tens of channels costs hundreds: biases, batch normalisation, activations,
+pooling, resizing, rescaling, element-wise sums and averages, augmentation.
+Nested models and Sequentials are walked, and a layer or model called several
+times (e.g. a network averaged over test-time views) counts once per call.
+
+Training is counted as 3 forward passes per training image (forward, and a
+backward pass of about twice the forward cost), the convention of the
+compute-per-result literature; a pass over frozen layers that nothing below
+trains needs no backward pass and counts once.
+"""
+
+import keras
+from keras.src.ops.function import make_node_key  # how a Functional names the calls (nodes) that belong to it
+
+from imgcls.dataset import load_manifest
+
+TRAINING_PASSES = 3  # forward + backward (gradients of the activations and of the weights)
+
+
+def layer_flops(model) -> list[tuple[object, int]]:
+    """[(layer, forward FLOPs per image over all its calls in `model`)] for each of `model`'s own layers."""
+    graph = getattr(model, "_functional", None) or model  # a built Sequential keeps its graph as a Functional
+    in_graph = getattr(graph, "_nodes", None)
+    counts = []
+    for layer in model.layers:
+        calls = [node for index, node in enumerate(layer._inbound_nodes)
+                 if in_graph is None or make_node_key(layer, index) in in_graph]
+        if isinstance(layer, keras.Model):
+            total = forward_flops(layer) * len(calls)
+        else:
+            total = sum(_call_flops(layer, node) for node in calls)
+        counts.append((layer, total))
+    return counts
+
+
+def forward_flops(model) -> int:
+    """Forward FLOPs for one image through `model` (see the module docstring for what counts)."""
+    return sum(count for _, count in layer_flops(model))
+
+
+def _positions(shape) -> int:
+    """Product of the dimensions between the batch and the last axis (1 for a flat tensor)."""
+    product = 1
+    for size in shape[1:-1]:
+        product *= size
+    return product
+
+
+def _call_flops(layer, node) -> int:
+    inputs, outputs = node.input_tensors, node.output_tensors
+    if not inputs or not outputs:
+        return 0
+    input_shape, output_shape = inputs[0].shape, outputs[0].shape
+    if isinstance(layer, keras.layers.Dense):
+        return 2 * input_shape[-1] * layer.units * _positions(output_shape)
+    if not isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+                              keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
+                              keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        return 0
+    channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
+    in_channels = input_shape[-1] if channels_last else input_shape[1]
+    spatial = output_shape[1:-1] if channels_last else output_shape[2:]
+    positions = 1
+    for size in spatial:
+        positions *= size
+    kernel = 1
+    for size in layer.kernel_size:
+        kernel *= size
+    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        return 2 * positions * in_channels * layer.depth_multiplier * kernel
+    if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        depthwise = in_channels * layer.depth_multiplier
+        return 2 * positions * (depthwise * kernel + depthwise * layer.filters)
+    return 2 * positions * layer.filters * kernel * in_channels // layer.groups
+
+
+def _test_images() -> int:
+    manifest = load_manifest()
+    return int((manifest["split"] == "test").sum())
+
+
+def cnn_flops(network, saved_model, train_images: int, val_images: int, epochs: int) -> dict:
+    """train.json's FLOP figures for train_cnn.
+
+    `network` is the trained network (each training step runs it once per
+    image); `saved_model` is what is saved and evaluated, test-time views
+    included. Training: 3 x forward x training images x epochs run. Validation:
+    a forward pass over the validation images after each epoch.
+    """
+    forward = forward_flops(network)
+    evaluation = forward_flops(saved_model)
+    return {
+        "forward_flops_per_image": forward,
+        "training_flops": TRAINING_PASSES * forward * train_images * epochs,
+        "validation_flops": forward * val_images * epochs,
+        "evaluation_flops_per_image": evaluation,
+        "evaluation_flops": evaluation * _test_images(),
+    }
+
+
+def transfer_flops(section, base, head, classifier, log, train_images: int, val_images: int) -> dict:
+    """train.json's FLOP figures for train_transfer: what each phase actually ran.
+
+    The base is split where fine-tuning starts (`section.fine_tune.unfreeze`):
+    the bottom (frozen in both phases) and the top (trained in phase 2). Then:
+    - phase 1 on cached features: the base runs once forward over every
+      training and validation image (with phase 2 cached too, the bottom runs
+      once for each cached version and the top once more over the plain
+      images), then the head trains on the features: 3 x head per training
+      image per epoch;
+    - phase 1 on images (head augmentation on): every epoch runs the frozen
+      base forward and the head 3 times per training image;
+    - phase 2 on cached activations: the bottom ran once per cached version
+      (counted with the cache), and each epoch trains the top and the head:
+      3 x (top + head) per training image;
+    - phase 2 on images: every epoch runs the bottom forward and 3 x (top +
+      head) per training image.
+    Validation after each epoch runs, forward only, the part each epoch trains.
+    The epochs of each phase are read from `log` (its phases and rows), so
+    early stopping is accounted for.
+    """
+    from imgcls.transfer import augmentation_is_off, first_trainable_layer
+
+    fine_tune = section.fine_tune.epochs > 0
+    first = first_trainable_layer(base, section.fine_tune.unfreeze) if fine_tune else len(base.layers)
+    per_layer = [count for _, count in layer_flops(base)]
+    bottom, top, head_forward = sum(per_layer[:first]), sum(per_layer[first:]), forward_flops(head)
+    whole = forward_flops(classifier)
+    starts = [start for start, _ in log.phases] + [len(log.rows) + 1]
+    epochs = [later - start for start, later in zip(starts, starts[1:])] + [0, 0]
+    head_epochs, fine_tune_epochs = epochs[0], epochs[1]
+
+    cache_phase2 = fine_tune and section.fine_tune.cached_copies > 0
+    versions = 1 + (section.fine_tune.cached_copies if not augmentation_is_off(section.fine_tune.augment) else 0)
+    training = validation = cache = 0
+    phases = {}
+    if cache_phase2:  # the bottom over every cached version of the training images, and the validation images
+        cache = bottom * train_images * versions
+        training += cache
+        validation += bottom * val_images
+    if augmentation_is_off(section.head.augment):
+        features = top if cache_phase2 else bottom + top
+        phase = features * train_images + TRAINING_PASSES * head_forward * train_images * head_epochs
+        validation += features * val_images + head_forward * val_images * head_epochs
+    else:
+        phase = (bottom + top + TRAINING_PASSES * head_forward) * train_images * head_epochs
+        validation += whole * val_images * head_epochs
+    phases["head"], training = phase, training + phase
+    if fine_tune:
+        trained = TRAINING_PASSES * (top + head_forward)
+        phase = (trained if cache_phase2 else bottom + trained) * train_images * fine_tune_epochs
+        validation += (top + head_forward if cache_phase2 else whole) * val_images * fine_tune_epochs
+        phases["fine_tune"], training = phase, training + phase
+    return {
+        "forward_flops_per_image": whole,
+        "training_flops": training,
+        "training_flops_cache": cache,
+        "training_flops_head": phases["head"],
+        "training_flops_fine_tune": phases.get("fine_tune", 0),
+        "validation_flops": validation,
+        "evaluation_flops_per_image": whole,
+        "evaluation_flops": whole * _test_images(),
+    }
+
+
+def format_flops(flops: float) -> str:
+    """'0.153 PFLOP', '12.4 TFLOP', '236 MFLOP': three significant figures in the largest unit below the count."""
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if flops >= size:
+            return f"{flops / size:.3g} {unit}"
+    return f"{flops:.0f} FLOP"

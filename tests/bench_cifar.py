@@ -1,0 +1,145 @@
+"""Benchmark of train_cnn on CIFAR-10 at a budget of training FLOPs: the airbench-style candidate preset
+(presets/cifar10-airbench.yaml), optionally beside the previous one (presets/cifar10.yaml).
+
+Runs the pipeline's stages (data, resize, split, train_cnn, evaluate) in a
+prepared copy of the project with presets/cifar10-airbench.yaml and `data.source` set
+to a local copy of CIFAR-10 laid out train/<class>/… and test/<class>/… (a
+folder or archive). With a budget, the number of epochs is the most whose
+training FLOPs (3 forward passes per training image, see imgcls/flops.py)
+fit in it (at least one), and the warm-up shrinks in proportion; without one, the
+preset runs as it is. A slow machine can so run a short budget (e.g. 0.15
+PFLOP) of the same recipe.
+
+    python tests/benchmark.py --only cifar --budget 0.15 [--cifar-data PATH] [--cifar-runs preset,previous]
+
+`--cifar-runs` picks what is trained: `preset` (the airbench-style candidate, the default), `previous`
+(presets/cifar10.yaml, the measured preset, as the baseline), or both, in that order.
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from benchmark import REPO, run
+
+PRESET = REPO / "presets/cifar10-airbench.yaml"
+DEFAULT_DATA = REPO.parent / "shared/data/datasets/cifar10-jpeg.tar.gz"
+
+# presets/cifar10.yaml, the measured preset (90.06% in 21 epochs, about 0.55 PFLOP), as changes to the candidate:
+# a 56-224-224 net at batch 256, random flips, the default batch-norm and optimizer settings.
+PREVIOUS = {
+    "filters": [56, 224, 224], "batch_size": 256, "learning_rate": 0.4, "warmup_epochs": 3, "weight_decay": 0.005,
+    "epochs": 21, "identity_init": False, "batch_norm_momentum": 0.9, "batch_norm_bias_lr_scale": 1.0,
+    "ema_momentum": 0.0, "ema_every": 0, "alternate_flips": False,
+    "augment": {"flip": "horizontal", "rotation": 0.0, "zoom": 0.0, "translation": 0.125, "contrast": 0.0},
+}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` applied, nested sections merged key by key."""
+    result = dict(base)
+    for key, value in changes.items():
+        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else value
+    return result
+
+
+def training_images(workdir: Path) -> int:
+    manifest = (workdir / "data/split/manifest.csv").read_text().splitlines()[1:]
+    return sum(line.rsplit(",", 1)[-1] == "train" for line in manifest)
+
+
+def epochs_for_budget(section: dict, budget_flops: float, train_images: int) -> tuple[int, float]:
+    """(the most epochs whose training FLOPs fit in the budget, forward FLOPs per image) for a train_cnn section."""
+    from imgcls.cnn import build_cnn
+    from imgcls.flops import TRAINING_PASSES, forward_flops
+    from imgcls.params import TrainCnnParams
+
+    params = TrainCnnParams.model_validate(section)
+    sample = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)  # FLOPs do not depend on it
+    forward = forward_flops(build_cnn(10, 32, params, seed=0, train_images=sample))
+    return max(1, int(budget_flops // (TRAINING_PASSES * forward * train_images))), forward
+
+
+def train_and_evaluate(workdir: Path, params: dict, changes: dict, budget_pflop: float | None) -> dict:
+    """train_cnn then evaluate with `changes` to the train_cnn section, at the budget; return the figures."""
+    section = merged(params["train_cnn"], changes)
+    if budget_pflop:
+        epochs, _ = epochs_for_budget(section, budget_pflop * 1e15, training_images(workdir))
+        section["warmup_epochs"] = round(section["warmup_epochs"] * epochs / section["epochs"], 2)
+        section["epochs"] = epochs
+    (workdir / "params.yaml").write_text(yaml.safe_dump({**params, "train_cnn": section}, sort_keys=False))
+    stage_seconds = run([sys.executable, "scripts/train_cnn.py"], workdir)
+    run([sys.executable, "scripts/evaluate.py"], workdir)
+    trained = json.loads((workdir / "reports/cnn/train.json").read_text())
+    test = json.loads((workdir / "reports/evaluate/metrics.json").read_text())["cnn"]
+    return {"accuracy": test["accuracy"], "epochs": trained["epochs_run"], "fit_seconds": trained["train_seconds"],
+            "stage_seconds": stage_seconds, "training_flops": trained["training_flops"],
+            "forward_flops": trained["forward_flops_per_image"], "val_accuracy": trained["val_accuracy"],
+            "filters": section["filters"], "batch_size": section["batch_size"]}
+
+
+def describe(result: dict) -> str:
+    from imgcls.flops import format_flops
+
+    return (f"{'-'.join(map(str, result['filters']))} at batch {result['batch_size']}, {result['epochs']} epochs"
+            f" of {format_flops(result['forward_flops'])} per image: {format_flops(result['training_flops'])},"
+            f" train_cnn {result['stage_seconds'] / 60:.1f} min ({result['fit_seconds'] / 60:.1f} in fit)")
+
+
+RUNS = {"preset": {}, "previous": PREVIOUS}  # what to train: changes to the preset's train_cnn section
+
+
+def run_section(workdir: Path, budget_pflop: float | None, data: Path = DEFAULT_DATA, runs: tuple[str, ...] = ("preset",)
+                ) -> list[dict]:
+    """Prepare CIFAR-10 in `workdir` through the data stages, train at the budget; return the benchmark rows."""
+    from imgcls.flops import format_flops
+
+    data = Path(data).resolve()
+    if not data.exists():
+        raise SystemExit(f"{data} not found: pass --cifar-data, a CIFAR-10 copy laid out train/<class>/… and"
+                         " test/<class>/… (folder or archive)")
+    params_file = workdir / "params.yaml"
+    original = params_file.read_text()
+    params = merged(yaml.safe_load(original), yaml.safe_load(PRESET.read_text()))
+    params["data"]["source"] = str(data)
+    try:
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        started = time.perf_counter()
+        for stage in ("data", "resize", "split"):
+            run([sys.executable, f"scripts/{stage}.py"], workdir)
+        data_seconds = time.perf_counter() - started
+        results = {name: train_and_evaluate(workdir, params, RUNS[name], budget_pflop) for name in runs}
+    finally:
+        params_file.write_text(original)
+    budget = f"{budget_pflop:g} PFLOP budget" if budget_pflop else "its own epochs"
+    machine = f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores; data stages {data_seconds:.0f} s"
+    main, earlier = results.get("preset"), results.get("previous")
+    if main is None:  # the previous preset alone
+        main, earlier = earlier, None
+    name = "presets/cifar10-airbench.yaml" if "preset" in results else "the previous CIFAR-10 preset"
+    return [{
+        "benchmark": f"train_cnn on CIFAR-10, {name} at {budget} (test accuracy, 10,000 images)",
+        "value": f"{main['accuracy']:.2%}",
+        "baseline": f"{earlier['accuracy']:.2%} (previous preset, same budget)" if earlier else "",
+        "ratio": (f"{(1 - earlier['accuracy']) / max(1 - main['accuracy'], 1e-9):.2f}x fewer errors"
+                  if earlier else ""),
+        "flops": format_flops(main["training_flops"])
+                 + (f" (previous: {format_flops(earlier['training_flops'])})" if earlier else ""),
+        "note": f"{describe(main)}" + (f"; previous: {describe(earlier)}" if earlier else "") + f"; {machine}",
+    }]
