@@ -39,7 +39,7 @@ from imgcls import device
 from imgcls.errors import UserError, run_stage
 from imgcls.images import BadImage
 from imgcls.params import load_params
-from imgcls.predict import MODEL_CHOICES, Classifier, Prediction, choose_model
+from imgcls.predict import MODEL_CHOICES, Classifier, choose_model
 
 PAGE_FILE = Path(__file__).with_name("serve_page.html")
 # Room for the multipart boundaries and part headers around the file itself.

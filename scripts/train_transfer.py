@@ -33,7 +33,7 @@ def main() -> None:
     section = params.train_transfer
     device.choose_backend()
     # Check the base and its input size before loading any data.
-    from imgcls import training, transfer
+    from imgcls import flops, training, transfer
     from imgcls.calibration import calibrate
 
     input_size = transfer.resolve_input_size(section.base, section.input_size)

@@ -16,7 +16,6 @@ trainers then call `resolve_precision`, `distribute` and `describe` (which
 need Keras and the backend's view of the devices).
 """
 
-import json
 import os
 import shutil
 import subprocess
