@@ -155,7 +155,7 @@ def out_of_class_scores(model, card: dict, files: list[Path], in_class_confidenc
         except BadImage:
             pass  # counted below: an unreadable photo says nothing about the model
     if not decoded:
-        raise UserError(f"evaluate.ood_dir holds no readable image: put photos of none of the classes there,"
+        raise UserError("evaluate.ood_dir holds no readable image: put photos of none of the classes there,"
                         " or set evaluate.ood_dir: \"\" to turn this off.")
     confidence = model.predict(ImageBatches(np.stack(decoded), batch_size=batch_size), verbose=0).max(axis=1)
     truth = np.concatenate([np.ones(len(in_class_confidence)), np.zeros(len(confidence))])
