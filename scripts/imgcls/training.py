@@ -194,7 +194,21 @@ class ImageBatches(keras.utils.PyDataset):
 
 def predict(model: keras.Model, batches: ImageBatches) -> np.ndarray:
     """model.predict over `batches`, without the predictions of any padding (see ImageBatches)."""
+    if batches.process_count > 1:
+        return _predict_on_this_host(model, batches)
     return model.predict(batches, verbose=0)[:len(batches.images)]
+
+
+def _predict_on_this_host(model: keras.Model, batches: ImageBatches) -> np.ndarray:
+    # Keras cannot bring back outputs spread over several hosts' devices, so each host predicts every
+    # image with its own copy of the (replicated) model, on its own device.
+    distribution = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        local = uncompiled_copy(model)
+        return local.predict(ImageBatches(batches.images, batch_size=batches.batch_size), verbose=0)
+    finally:
+        keras.distribution.set_distribution(distribution)
 
 
 class AlternatingFlips(ImageBatches):
