@@ -119,6 +119,55 @@ def test_the_padding_changes_neither_loss_nor_accuracy():
     assert padded["accuracy"] == pytest.approx(plain["accuracy"])
 
 
+RESIDENT_AGAINST_HOST = """
+import sys
+import keras, numpy as np
+sys.path.insert(0, "scripts")
+from imgcls import device
+from imgcls.training import AlternatingFlips, ImageBatches, compile_classifier
+
+replicas = device.distribute("auto", {"batch_size": 8})
+rng = np.random.default_rng(0)
+images, labels = rng.integers(0, 255, (22, 6, 6, 3)).astype(np.uint8), np.arange(22) % 3
+histories = []
+for resident in (False, True):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax")])
+    compile_classifier(model, "sgd")
+    batches = [kind(images, labels, 3, batch_size=8, shuffle=True, seed=3, replicas=replicas, resident=resident)
+               for kind in (ImageBatches, AlternatingFlips)]
+    val = ImageBatches(images[:7], labels[:7], 3, batch_size=8, replicas=replicas, resident=resident)
+    history = []
+    for train in batches:
+        history += model.fit(train, validation_data=val, epochs=2, verbose=0).history["val_loss"]
+    histories.append(history)
+print(replicas, histories[0] == histories[1], histories)
+"""
+
+
+def test_a_training_set_kept_on_the_device_trains_exactly_like_one_sent_batch_by_batch():
+    # On a GPU (device.fits_on_device) the images stay on the device and each batch is gathered there;
+    # here the same path runs on 4 virtual CPU devices, with training batches trimmed and validation padded.
+    result = subprocess.run([sys.executable, "-c", RESIDENT_AGAINST_HOST], cwd=REPO, capture_output=True, text=True,
+                            env={**stage_env(), **FOUR_DEVICES})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("4 True"), result.stdout
+
+
+def test_only_an_accelerator_with_room_to_spare_keeps_the_training_set():
+    from imgcls.device import fits_on_device
+
+    def gpu(free_bytes):
+        return SimpleNamespace(platform="gpu", memory_stats=lambda: {"bytes_limit": free_bytes, "bytes_in_use": 0})
+
+    cifar = 50_000 * 32 * 32 * 3
+    assert fits_on_device(cifar, [gpu(141 * 2**30)])  # an H200
+    assert not fits_on_device(cifar, [gpu(2**30)])  # more than a tenth of what is free
+    assert not fits_on_device(cifar, [SimpleNamespace(platform="cpu")])
+    assert not fits_on_device(cifar, [])  # TensorFlow on a CPU
+
+
 def _val_scores(project) -> tuple[float, float]:
     metrics = json.loads((project.root / "reports/cnn/train.json").read_text())
     return metrics["val_accuracy"], metrics["val_loss"]

@@ -30,6 +30,9 @@ REQUIREMENTS = {"cpu": "requirements.txt", "gpu": "requirements-gpu.txt"}
 BACKENDS = {"cpu": "tensorflow", "gpu": "jax"}
 # JAX keeps compiled programs here, so a second run of a stage does not compile its steps again.
 COMPILATION_CACHE = Path(".cache/jax")
+# The most of an accelerator's free memory a training set may keep for itself (fits_on_device):
+# the gear photos at 160 px (100 MB) or CIFAR-10 at 32 px (150 MB) take a thousandth of an H200's.
+RESIDENT_SHARE = 0.1
 # Keras' own multi-host settings (keras.distribution.initialize reads them).
 MULTI_HOST_VARIABLES = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
                         "KERAS_DISTRIBUTION_PROCESS_ID")
@@ -180,6 +183,25 @@ def process_slice() -> tuple[int, int]:
     import jax
 
     return jax.process_index(), jax.process_count()
+
+
+def fits_on_device(nbytes: int, devices: list | None = None) -> bool:
+    """Whether an array of `nbytes` (a stage's training images) should stay on the accelerator all stage.
+
+    Then each batch is gathered on the device from the resident copy, and only
+    its indices cross from the host (ImageBatches). Worth it on a GPU, where
+    the host-to-device copy is what the step would wait for; on a CPU the
+    "device" is host memory already. Only in one process: several hosts each
+    hand Keras their own slice of a batch as host memory. The array may take
+    at most RESIDENT_SHARE of the first device's free memory, leaving the rest
+    to the model, its activations and the other split.
+    """
+    devices = accelerators() if devices is None else devices
+    if not devices or devices[0].platform == "cpu" or process_slice()[1] > 1:
+        return False
+    stats = devices[0].memory_stats() or {}
+    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+    return nbytes <= RESIDENT_SHARE * free
 
 
 def describe(precision: str, replicas: int, global_batch: int) -> dict:

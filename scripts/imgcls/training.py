@@ -59,9 +59,13 @@ class TrainingRun:
     state: checkpoint.TrainingState
 
     def batches(self, images, labels=None, num_classes=None, batch_size=32, kind=None, **options) -> "ImageBatches":
-        """ImageBatches (or the subclass `kind`) split across this run's devices (and hosts)."""
+        """ImageBatches (or the subclass `kind`) split across this run's devices (and hosts).
+
+        An array of images that fits stays on the accelerator (device.fits_on_device).
+        """
+        resident = isinstance(images, np.ndarray) and device.fits_on_device(images.nbytes)
         return (kind or ImageBatches)(images, labels, num_classes, batch_size, replicas=self.replicas,
-                                      process=self.process, **options)
+                                      process=self.process, resident=resident, **options)
 
 
 def start_run(stage: str, section, seed: int, distribution: str, image_size: int) -> TrainingRun:
@@ -102,11 +106,14 @@ class ImageBatches(keras.utils.PyDataset):
     first images, marked as padding for the loss and accuracy (label -1,
     weight 0), and `predict` drops their predictions. With several hosts,
     each process yields only its own slice of each batch (`process`: index, count).
+
+    With `resident`, the images are copied to the accelerator once, and each
+    batch is gathered there: only its indices (and labels) leave the host.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None,
                  batch_size: int = 32, shuffle: bool = False, seed: int = 0, class_weights: dict | None = None,
-                 replicas: int = 1, process: tuple[int, int] = (0, 1)):
+                 replicas: int = 1, process: tuple[int, int] = (0, 1), resident: bool = False):
         # Two threads, no processes: batches are cheap slices of arrays in memory.
         # With more than one worker Keras fetches batches with its ordered enqueuer
         # (same order, so the same metrics) and switches off tf.data's autotuned
@@ -125,7 +132,8 @@ class ImageBatches(keras.utils.PyDataset):
                 raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if replicas % process[1]:
             raise ValueError(f"{replicas} replicas cannot be split evenly over {process[1]} processes")
-        self.images = images
+        self.resident = resident
+        self.images = keras.ops.convert_to_tensor(images) if resident else images
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int32)
         self.num_classes = num_classes
         # With several replicas only the last batch may need padding.
@@ -153,6 +161,8 @@ class ImageBatches(keras.utils.PyDataset):
 
     def inputs(self, picked: np.ndarray):
         """The model inputs of the images at positions `picked` (a subclass may serve other inputs)."""
+        if self.resident:
+            return keras.ops.take(self.images, picked, axis=0)
         return np.asarray(self.images[picked])
 
     def __getitem__(self, index: int):
@@ -227,6 +237,8 @@ class AlternatingFlips(ImageBatches):
     def inputs(self, picked: np.ndarray):
         pixels = super().inputs(picked)
         mirrored = self.mirrored_first[picked] ^ (self.epoch % 2 == 1)
+        if self.resident:
+            return keras.ops.where(mirrored[:, None, None, None], keras.ops.flip(pixels, axis=2), pixels)
         pixels[mirrored] = pixels[mirrored, :, ::-1]
         return pixels
 
