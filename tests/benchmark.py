@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, help="cifar: PFLOP of training (default: the preset's own epochs)")
     parser.add_argument("--cifar-data", type=Path, help="cifar: CIFAR-10 laid out train/<class>/… and test/<class>/…"
                         " (default ../shared/data/datasets/cifar10-jpeg.tar.gz beside the repository)")
+    parser.add_argument("--seeds", default="0", help="cifar: training seeds, e.g. 0,1 (the row gives their mean)")
     parser.add_argument("--cifar-runs", default="preset",
                         help="cifar: preset, previous (the preset before airbench's ideas, the baseline) or both,"
                              " comma-separated")
@@ -243,7 +244,8 @@ def main() -> None:
         if "cifar" in sections:  # last: it replaces the gear photos in the work folder with CIFAR-10
             from bench_cifar import DEFAULT_DATA, run_section
 
-            rows += run_section(workdir, arguments.budget, arguments.cifar_data or DEFAULT_DATA, cifar_runs)
+            seeds = tuple(int(seed) for seed in arguments.seeds.split(","))
+            rows += run_section(workdir, arguments.budget, arguments.cifar_data or DEFAULT_DATA, cifar_runs, seeds)
     finally:
         print_table(rows)
         if scratch:

@@ -174,13 +174,56 @@ def test_scaled_rates_multiply_the_learning_rate_of_the_named_variables(name):
     assert type(unscaled) in (keras.optimizers.SGD, keras.optimizers.Adam)  # the defaults build the plain ones
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_a_ramped_average_follows_the_weights_early_and_averages_late(name):
+    import keras
+
+    from imgcls.training import build_optimizer
+
+    def averages(ramp: float) -> list[float]:
+        """The moving average after each of 10 steps of a constant gradient."""
+        weight = keras.Variable(np.zeros(1), name="kernel")
+        optimizer = build_optimizer(name, 0.1, "constant", epochs=1, steps_per_epoch=10, ema_momentum=0.9,
+                                    ema_ramp=ramp)
+        path = []
+        for _ in range(10):
+            optimizer.apply([keras.ops.ones(1)], [weight])
+            path.append((float(keras.ops.convert_to_numpy(weight)[0]),
+                         float(keras.ops.convert_to_numpy(optimizer._model_variables_moving_average[0])[0])))
+        return path
+
+    constant, ramped = averages(0.0), averages(2.0)
+    # At step t of 10 the ramped momentum is 0.9 * (t / 10) ** 2: 0 at the first step, so the average is the weight...
+    assert ramped[0][1] == pytest.approx(ramped[0][0])
+    assert ramped[1][1] == pytest.approx(0.009 * ramped[0][0] + 0.991 * ramped[1][0], rel=1e-5)
+    # ... while Keras' constant momentum lags far behind from the second step on.
+    lag = [abs(weight - average) for weight, average in constant]
+    ramped_lag = [abs(weight - average) for weight, average in ramped]
+    assert all(ours < theirs for ours, theirs in zip(ramped_lag[1:], lag[1:]))
+    last_weight, last_average = ramped[-1]
+    previous_average = ramped[-2][1]
+    assert last_average == pytest.approx(0.9 * 0.81 * previous_average + (1 - 0.9 * 0.81) * last_weight, rel=1e-5)
+
+
+def test_augmentation_resamples_whole_pixels_with_nearest():
+    from imgcls.params import AugmentParams
+    from imgcls.training import augmentation
+
+    shifts = AugmentParams(flip="none", rotation=0, zoom=0, translation=0.25, contrast=0, interpolation="nearest")
+    image = np.arange(16 * 16 * 3, dtype="float32").reshape(1, 16, 16, 3)
+    moved = np.asarray(augmentation(shifts, seed=0)(np.repeat(image, 8, axis=0), training=True))
+    # Every output pixel is one of the input's pixels: no blending of neighbours.
+    assert np.isin(moved, image).all() and not np.allclose(moved, image)
+
+
 def test_augmentation_leaves_out_changes_set_to_zero():
     from imgcls.params import AugmentParams
     from imgcls.training import augmentation
 
-    off = AugmentParams(flip="none", rotation=0, zoom=0, translation=0, contrast=0)
+    off = AugmentParams(flip="none", rotation=0, zoom=0, translation=0, contrast=0, interpolation="bilinear")
     assert [type(layer).__name__ for layer in augmentation(off, seed=0).layers] == ["Identity"]
-    every = AugmentParams(flip="horizontal", rotation=0.1, zoom=0.1, translation=0.1, contrast=0.2)
+    every = AugmentParams(flip="horizontal", rotation=0.1, zoom=0.1, translation=0.1, contrast=0.2,
+                          interpolation="bilinear")
     names = [type(layer).__name__ for layer in augmentation(every, seed=0).layers]
     assert names == ["RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast"]
 
@@ -194,7 +237,7 @@ def test_the_seeds_baseline_is_expressible_in_params():
                   activation="relu", pooling="flatten", output_scale=1.0,
                   dense_units=[128], dropout=0.0, optimizer="adam", learning_rate=0.001, schedule="constant",
                   weight_decay=0.0, label_smoothing=0.0, class_weight="none",
-                  augment=dict(flip="none", rotation=0, zoom=0, translation=0, contrast=0))
+                  augment=dict(flip="none", rotation=0, zoom=0, translation=0, contrast=0, interpolation="bilinear"))
     model = build_cnn(12, 160, TrainCnnParams.model_validate(params), seed=0)
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds == ["InputLayer", "Resizing", "Rescaling", "Conv2D", "Activation", "MaxPooling2D",
@@ -314,12 +357,15 @@ def test_the_fast_cnn_options_train_and_load_safely(prepared):
     assert 0 < card["confidence_threshold"] <= 1 and card["target_coverage"] == 0.99
 
 
-# Every option from airbench's ablations at once: identity init, fast batch-norm statistics, 64x learning rate on
-# the batch-norm offsets, a moving average of the weights reset into them every 4 steps, alternating flips.
+# Every option from airbench's ablations at once: identity init, fast batch-norm statistics with fixed scales, 64x
+# learning rate on the batch-norm offsets, a ramped moving average of the weights reset into them every 4 steps,
+# alternating flips, whole-pixel shifts.
 AIRBENCH_OPTIONS = {"train_cnn.identity_init": True, "train_cnn.batch_norm_momentum": 0.4,
-                    "train_cnn.batch_norm_bias_lr_scale": 64.0, "train_cnn.optimizer": "sgd",
-                    "train_cnn.ema_momentum": 0.8, "train_cnn.ema_every": 4, "train_cnn.alternate_flips": True,
-                    "train_cnn.augment.flip": "none", "train_cnn.convs_per_block": 2}
+                    "train_cnn.batch_norm_scale": False, "train_cnn.batch_norm_bias_lr_scale": 64.0,
+                    "train_cnn.optimizer": "sgd", "train_cnn.ema_momentum": 0.8, "train_cnn.ema_every": 4,
+                    "train_cnn.ema_ramp": 0.6, "train_cnn.alternate_flips": True, "train_cnn.augment.flip": "none",
+                    "train_cnn.augment.translation": 0.1, "train_cnn.augment.interpolation": "nearest",
+                    "train_cnn.convs_per_block": 2}
 
 
 def test_the_airbench_options_train_reproducibly_and_save_the_averaged_weights(prepared):
@@ -399,6 +445,10 @@ def test_conflicting_airbench_options_say_what_to_change():
         TrainCnnParams.model_validate({**params, "alternate_flips": True})
     with pytest.raises(ValidationError, match=r"ema_every \(5\) needs an ema_momentum above 0"):
         TrainCnnParams.model_validate({**params, "ema_every": 5})
+    with pytest.raises(ValidationError, match=r"ema_ramp \(3\) needs an ema_momentum above 0"):
+        TrainCnnParams.model_validate({**params, "ema_ramp": 3})
+    with pytest.raises(ValidationError, match="interpolation"):
+        TrainCnnParams.model_validate({**params, "augment": {**params["augment"], "interpolation": "cubic"}})
     with pytest.raises(ValidationError, match="batch_norm_bias_lr_scale"):
         TrainCnnParams.model_validate({**params, "batch_norm_bias_lr_scale": 0})
 

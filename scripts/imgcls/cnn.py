@@ -18,6 +18,7 @@ Three more come from airbench's ablations (Jordan, github.com/KellerJordan/cifar
 - identity_init: each 3x3 convolution starts as the identity on its first
   input channels, so the stack starts close to passing its input through;
 - batch_norm_momentum: how slowly the running statistics follow the weights;
+- batch_norm_scale: false keeps the batch-norm scales fixed at 1;
 - batch_norm_bias_lr_scale (see batch_norm_bias_rates and training.build_optimizer).
 """
 
@@ -140,7 +141,9 @@ def _convolution(x, filters: int, section, prefix: str, number: int):
         convolution.kernel.assign(identity_kernel(keras.ops.convert_to_numpy(convolution.kernel)))
     if section.batch_norm:
         # momentum 0.9 (the default; not Keras' 0.99): running statistics must settle within a short training.
-        x = keras.layers.BatchNormalization(momentum=section.batch_norm_momentum, name=f"{prefix}norm{number}")(x)
+        # scale False fixes each channel's scale at 1 (airbench does): the next layer's weights can take it on.
+        x = keras.layers.BatchNormalization(momentum=section.batch_norm_momentum, scale=section.batch_norm_scale,
+                                            name=f"{prefix}norm{number}")(x)
     return keras.layers.Activation(section.activation, name=f"{prefix}{section.activation}{number}")(x)
 
 

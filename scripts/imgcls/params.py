@@ -94,6 +94,7 @@ class AugmentParams(Section):
     zoom: float = Field(ge=0, lt=1)  # fraction of the side, in or out
     translation: float = Field(ge=0, lt=1)  # fraction of the side, horizontally and vertically
     contrast: float = Field(ge=0, le=1)  # contrast factor range 1 ± contrast
+    interpolation: Literal["bilinear", "nearest"]  # how rotated, zoomed and moved pixels are resampled
 
 
 class TrainCnnParams(Section):
@@ -104,6 +105,7 @@ class TrainCnnParams(Section):
     pool_after: Literal["first", "last"]
     batch_norm: bool
     batch_norm_momentum: float = Field(ge=0, lt=1)
+    batch_norm_scale: bool
     batch_norm_bias_lr_scale: float = Field(gt=0, le=1000)
     identity_init: bool
     activation: Literal["relu", "gelu"]
@@ -122,6 +124,7 @@ class TrainCnnParams(Section):
     weight_decay: float = Field(ge=0, lt=1)
     ema_momentum: float = Field(ge=0, lt=1)
     ema_every: int = Field(ge=0)
+    ema_ramp: float = Field(ge=0, le=10)
     label_smoothing: float = Field(ge=0, lt=1)
     batch_size: int = Field(ge=1, le=4096)
     epochs: int = Field(ge=1, le=10000)
@@ -146,6 +149,8 @@ class TrainCnnParams(Section):
 
     @model_validator(mode="after")
     def _ema_settings(self):
+        if self.ema_ramp and not self.ema_momentum:
+            raise ValueError(f"ema_ramp ({self.ema_ramp:g}) needs an ema_momentum above 0 (the average it ramps)")
         if self.ema_every and not self.ema_momentum:
             raise ValueError(f"ema_every ({self.ema_every}) needs an ema_momentum above 0 (the average it resets to)")
         return self

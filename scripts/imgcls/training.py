@@ -252,15 +252,18 @@ def augmentation(section, seed: int) -> keras.Sequential:
     Identity layer (Keras cannot call an empty Sequential).
     """
     layers = []
+    # "nearest" moves, turns and zooms by whole pixels (as cropping a padded image does): no blur
+    # that the test images never have, which matters most for small images.
+    resampling = {"interpolation": section.interpolation, "fill_mode": "reflect"}
     if section.flip != "none":
         layers.append(keras.layers.RandomFlip(section.flip, seed=seed))
     if section.rotation > 0:
-        layers.append(keras.layers.RandomRotation(section.rotation, fill_mode="reflect", seed=seed + 1))
+        layers.append(keras.layers.RandomRotation(section.rotation, seed=seed + 1, **resampling))
     if section.zoom > 0:
-        layers.append(keras.layers.RandomZoom(section.zoom, fill_mode="reflect", seed=seed + 2))
+        layers.append(keras.layers.RandomZoom(section.zoom, seed=seed + 2, **resampling))
     if section.translation > 0:
-        layers.append(keras.layers.RandomTranslation(section.translation, section.translation, fill_mode="reflect",
-                                                     seed=seed + 3))
+        layers.append(keras.layers.RandomTranslation(section.translation, section.translation, seed=seed + 3,
+                                                     **resampling))
     if section.contrast > 0:
         layers.append(keras.layers.RandomContrast(section.contrast, value_range=(0, 255), seed=seed + 4))
     return keras.Sequential(layers or [keras.layers.Identity()], name="augmentation")
@@ -351,6 +354,37 @@ class ScaledRates:
         return {**super().get_config(), "rate_scales": self.rate_scales}
 
 
+class RampedAverage:
+    """Optimizer mixin: the moving average of the weights (use_ema) starts loose and tightens.
+
+    At step t of T its momentum is ema_momentum x (t / T) ** ema_ramp, where
+    Keras keeps it constant. Early on the weights move fast and their past is
+    of little use, so the average (and the lookahead resets to it, when
+    ema_overwrite_frequency is set) follows them closely instead of holding
+    them back; by the end it averages as ema_momentum says. This overrides
+    the one method of Keras' optimizer that updates the average.
+    """
+
+    def __init__(self, *arguments, ema_ramp: float, ema_total_steps: int, **keywords):
+        super().__init__(*arguments, **keywords)
+        self.ema_ramp = float(ema_ramp)
+        self.ema_total_steps = int(ema_total_steps)
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        if not self.use_ema:
+            return
+        ops = keras.ops
+        progress = ops.minimum(ops.cast(self.iterations, "float32") / max(self.ema_total_steps, 1), 1.0)
+        momentum = self.ema_momentum * ops.power(progress, self.ema_ramp)
+        for variable, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                weight = ops.cast(momentum, variable.dtype)
+                average.assign(weight * average + (1 - weight) * variable)
+
+    def get_config(self):
+        return {**super().get_config(), "ema_ramp": self.ema_ramp, "ema_total_steps": self.ema_total_steps}
+
+
 class ScaledRatesAdam(ScaledRates, keras.optimizers.Adam):
     pass
 
@@ -359,9 +393,18 @@ class ScaledRatesSGD(ScaledRates, keras.optimizers.SGD):
     pass
 
 
+class RampedAdam(RampedAverage, ScaledRates, keras.optimizers.Adam):
+    pass
+
+
+class RampedSGD(RampedAverage, ScaledRates, keras.optimizers.SGD):
+    pass
+
+
 def build_optimizer(name: str, learning_rate: float, schedule: str, epochs: int, steps_per_epoch: int,
                     warmup_epochs: float = 0.0, weight_decay: float = 0.0, rate_scales: dict[str, float] | None = None,
-                    ema_momentum: float = 0.0, ema_every: int = 0) -> keras.optimizers.Optimizer:
+                    ema_momentum: float = 0.0, ema_every: int = 0, ema_ramp: float = 0.0
+                    ) -> keras.optimizers.Optimizer:
     """An optimizer ("adam" or "sgd" with Nesterov momentum 0.9) with a learning-rate schedule.
 
     See learning_rate_schedule for the schedules. weight_decay is decoupled
@@ -370,21 +413,28 @@ def build_optimizer(name: str, learning_rate: float, schedule: str, epochs: int,
     factor}) makes those variables learn faster or slower (ScaledRates).
     ema_momentum > 0 keeps Keras' moving average of the weights (use_ema),
     which train_phase validates and keeps; ema_every > 0 also resets the
-    weights to it every that many steps.
+    weights to it every that many steps; ema_ramp > 0 grows its momentum
+    from 0 over training (RampedAverage).
     """
     rate = learning_rate_schedule(learning_rate, schedule, epochs, steps_per_epoch, warmup_epochs)
     decay = weight_decay or None
     options = {"learning_rate": rate, "weight_decay": decay}
     if ema_momentum:
         options.update(use_ema=True, ema_momentum=ema_momentum, ema_overwrite_frequency=ema_every or None)
-    if rate_scales:
-        options["rate_scales"] = rate_scales
-    if name == "adam":
-        optimizer = (ScaledRatesAdam if rate_scales else keras.optimizers.Adam)(**options)
-    elif name == "sgd":
-        optimizer = (ScaledRatesSGD if rate_scales else keras.optimizers.SGD)(momentum=0.9, nesterov=True, **options)
-    else:
+    if name not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be adam or sgd, got {name!r}")
+    if name == "sgd":
+        options.update(momentum=0.9, nesterov=True)
+    # The plain Keras classes unless an option needs one of the mixins above.
+    classes = {"adam": (keras.optimizers.Adam, ScaledRatesAdam, RampedAdam),
+               "sgd": (keras.optimizers.SGD, ScaledRatesSGD, RampedSGD)}[name]
+    if ema_momentum and ema_ramp:
+        optimizer = classes[2](rate_scales=rate_scales or {}, ema_ramp=ema_ramp,
+                               ema_total_steps=epochs * steps_per_epoch, **options)
+    elif rate_scales:
+        optimizer = classes[1](rate_scales=rate_scales, **options)
+    else:
+        optimizer = classes[0](**options)
     if decay:
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     return optimizer
