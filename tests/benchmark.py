@@ -15,7 +15,7 @@ podman or docker).
 trains the CIFAR-10 preset through the pipeline on a local copy of CIFAR-10,
 at `--budget` PFLOP of training (see tests/bench_cifar.py):
 
-    python tests/benchmark.py --only cifar --budget 0.15 [--cifar-runs preset,previous]
+    python tests/benchmark.py --only cifar --budget 0.15 [--cifar-runs preset,previous] [--seeds 0,1]
 """
 
 import argparse
