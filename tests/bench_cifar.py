@@ -31,18 +31,6 @@ from benchmark import REPO, run
 PRESET = REPO / "presets/cifar10-airbench.yaml"
 DEFAULT_DATA = REPO.parent / "shared/data/datasets/cifar10-jpeg.tar.gz"
 
-# presets/cifar10.yaml, the measured preset (90.06% in 21 epochs, about 0.55 PFLOP), as changes to the candidate:
-# a 56-224-224 net at batch 256, random flips, the default batch-norm and optimizer settings.
-PREVIOUS = {
-    "filters": [56, 224, 224], "batch_size": 256, "learning_rate": 0.4, "warmup_epochs": 3, "weight_decay": 0.005,
-    "epochs": 21, "identity_init": False, "batch_norm_momentum": 0.9, "batch_norm_scale": True,
-    "batch_norm_bias_lr_scale": 1.0, "ema_momentum": 0.0, "ema_every": 0, "ema_ramp": 0.0, "alternate_flips": False,
-    "activation": "relu", "output_scale": 0.125,
-    "augment": {"flip": "horizontal", "rotation": 0.0, "zoom": 0.0, "translation": 0.125, "contrast": 0.0,
-                "interpolation": "bilinear"},
-}
-
-
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -78,9 +66,9 @@ def epochs_for_budget(section: dict, budget_flops: float, train_images: int) -> 
     return max(1, int(budget_flops // (TRAINING_PASSES * forward * train_images))), forward
 
 
-def train_and_evaluate(workdir: Path, params: dict, changes: dict, budget_pflop: float | None) -> dict:
-    """train_cnn then evaluate with `changes` to the train_cnn section, at the budget; return the figures."""
-    section = merged(params["train_cnn"], changes)
+def train_and_evaluate(workdir: Path, params: dict, section: dict, budget_pflop: float | None) -> dict:
+    """train_cnn then evaluate with this train_cnn section, at the budget; return the figures."""
+    section = dict(section)
     if budget_pflop:
         epochs, _ = epochs_for_budget(section, budget_pflop * 1e15, training_images(workdir))
         section["warmup_epochs"] = round(section["warmup_epochs"] * epochs / section["epochs"], 2)
@@ -104,7 +92,9 @@ def describe(result: dict) -> str:
             f" train_cnn {result['stage_seconds'] / 60:.1f} min ({result['fit_seconds'] / 60:.1f} in fit)")
 
 
-RUNS = {"preset": {}, "previous": PREVIOUS}  # what to train: changes to the preset's train_cnn section
+# What to train: each preset's train_cnn section over params.yaml's. "previous" is presets/cifar10.yaml, the
+# measured preset (90.06% in 21 epochs, about 0.55 PFLOP): 56-224-224 at batch 256, random flips, none of the new ideas.
+RUNS = {"preset": PRESET, "previous": REPO / "presets/cifar10.yaml"}
 
 
 def run_section(workdir: Path, budget_pflop: float | None, data: Path = DEFAULT_DATA, runs: tuple[str, ...] = ("preset",),
@@ -127,7 +117,9 @@ def run_section(workdir: Path, budget_pflop: float | None, data: Path = DEFAULT_
         for stage in ("data", "resize", "split"):
             run([sys.executable, f"scripts/{stage}.py"], workdir)
         data_seconds = time.perf_counter() - started
-        results = {name: [train_and_evaluate(workdir, {**params, "seed": seed}, RUNS[name], budget_pflop)
+        defaults = yaml.safe_load(original)["train_cnn"]
+        sections = {name: merged(defaults, yaml.safe_load(RUNS[name].read_text())["train_cnn"]) for name in runs}
+        results = {name: [train_and_evaluate(workdir, {**params, "seed": seed}, sections[name], budget_pflop)
                           for seed in seeds] for name in runs}
     finally:
         params_file.write_text(original)
