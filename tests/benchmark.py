@@ -16,6 +16,12 @@ trains the CIFAR-10 preset through the pipeline on a local copy of CIFAR-10,
 at `--budget` PFLOP of training (see tests/bench_cifar.py):
 
     python tests/benchmark.py --only cifar --budget 0.15 [--cifar-runs preset,previous] [--seeds 0,1]
+
+`--only cnn_splits` (also not in the default run: about 23 minutes per split on
+2 CPU cores) trains the default gear CNN and a candidate recipe side by side on
+several splits (tests/bench_cnn.py):
+
+    python tests/benchmark.py --only cnn_splits --split-seeds 0,1,2
 """
 
 import argparse
@@ -37,9 +43,9 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path[:0] = [str(REPO / "scripts"), str(TESTS)]
 SECTIONS = ("data", "cnn", "transfer", "predict", "device", "near_duplicates", "soak", "images")  # `make bench`
-EXTRA_SECTIONS = ("cifar",)  # only when asked for
+EXTRA_SECTIONS = ("cnn_splits", "cifar")  # only when asked for
 # Sections that need no gear photos in the work folder.
-STANDALONE_SECTIONS = {"near_duplicates", *EXTRA_SECTIONS}
+STANDALONE_SECTIONS = {"near_duplicates", "cifar"}
 
 
 def environment() -> dict[str, str]:
@@ -204,6 +210,7 @@ def main() -> None:
     parser.add_argument("--cifar-data", type=Path, help="cifar: CIFAR-10 laid out train/<class>/… and test/<class>/…"
                         " (default ../shared/data/datasets/cifar10-jpeg.tar.gz beside the repository)")
     parser.add_argument("--seeds", default="0", help="cifar: training seeds, e.g. 0,1 (the row gives their mean)")
+    parser.add_argument("--split-seeds", default="0,1,2", help="cnn_splits: split.seed values, e.g. 0,1,2")
     parser.add_argument("--cifar-runs", default="preset",
                         help="cifar: preset, previous (the preset before airbench's ideas, the baseline) or both,"
                              " comma-separated")
@@ -241,6 +248,10 @@ def main() -> None:
             print(f"({name} done)", file=sys.stderr)
         if set(SECTIONS) <= set(sections):
             rows += noop_rows(workdir)
+        if "cnn_splits" in sections:
+            from bench_cnn import compare_recipes
+
+            rows += compare_recipes(workdir, tuple(int(seed) for seed in arguments.split_seeds.split(",")))
         if "cifar" in sections:  # last: it replaces the gear photos in the work folder with CIFAR-10
             from bench_cifar import DEFAULT_DATA, run_section
 
