@@ -19,7 +19,13 @@ Three more come from airbench's ablations (Jordan, github.com/KellerJordan/cifar
   input channels, so the stack starts close to passing its input through;
 - batch_norm_momentum: how slowly the running statistics follow the weights;
 - batch_norm_scale: false keeps the batch-norm scales fixed at 1;
-- batch_norm_bias_lr_scale (see batch_norm_bias_rates and training.build_optimizer).
+- batch_norm_bias_lr_scale (see batch_norm_bias_rates and training.build_optimizer);
+- conv_init_scale: the size of the convolutions' random start. Batch norm
+  makes a convolution's output blind to the scale of its kernel, so each
+  step changes the kernel's direction by about learning rate / norm**2: a
+  start a third of He's variance (PyTorch's default, which airbench's
+  learning rate is tuned for) takes 6x larger steps until weight decay has
+  shrunk the kernels to their working size.
 """
 
 import keras
@@ -133,8 +139,11 @@ def _map_axis(x, matrix: np.ndarray, axis: int, name: str):
 
 def _convolution(x, filters: int, section, prefix: str, number: int):
     """3x3 convolution, optional batch normalisation, activation."""
+    # Scale 2 is exactly he_normal; the name keeps the default model's config as it was.
+    initializer = ("he_normal" if section.conv_init_scale == 2
+                   else keras.initializers.VarianceScaling(section.conv_init_scale, "fan_in", "truncated_normal"))
     convolution = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not section.batch_norm,
-                                      kernel_initializer="he_normal", name=f"{prefix}conv{number}")
+                                      kernel_initializer=initializer, name=f"{prefix}conv{number}")
     x = convolution(x)
     if section.identity_init:
         # The weights are set, not the initializer: the saved config keeps plain he_normal.

@@ -108,6 +108,7 @@ class TrainCnnParams(Section):
     batch_norm_scale: bool
     batch_norm_bias_lr_scale: float = Field(gt=0, le=1000)
     identity_init: bool
+    conv_init_scale: float = Field(gt=0, le=10)
     activation: Literal["relu", "gelu"]
     pooling: Literal["global_average", "global_max", "flatten"]
     dense_units: list[Annotated[int, Field(ge=1)]]
