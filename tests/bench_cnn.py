@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from benchmark import run as run_command
+
 # The seeds' "conv-pool-conv-pool-dense" network, expressed in train_cnn params.
 BASELINE = {
     "input_size": 64,
@@ -55,15 +57,21 @@ BASELINE = {
 CANDIDATE = {"epochs": 20, "warmup_epochs": 1, "test_time_flip": True}
 
 
+def _update_params(workdir: Path, section: str, changes: dict) -> None:
+    """Update one section of the work folder's params.yaml with `changes`."""
+    params_file = workdir / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params[section].update(changes)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def _train_and_evaluate(workdir: Path, overrides: dict | None) -> dict:
     """Run train_cnn then evaluate with params.yaml's train_cnn section updated by `overrides`; return figures."""
     params_file = workdir / "params.yaml"
     original = params_file.read_text()
     try:
         if overrides:
-            params = yaml.safe_load(original)
-            params["train_cnn"].update(overrides)
-            params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+            _update_params(workdir, "train_cnn", overrides)
         started = time.perf_counter()
         for script in ("train_cnn", "evaluate"):
             result = subprocess.run([sys.executable, f"scripts/{script}.py"], cwd=workdir, capture_output=True, text=True)
@@ -108,17 +116,6 @@ def run(workdir: Path) -> list[dict]:
     ]
 
 
-def _resplit(workdir: Path, split_seed: int) -> None:
-    """Set params.yaml's split.seed and rerun the split stage."""
-    params_file = workdir / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    params["split"]["seed"] = split_seed
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    result = subprocess.run([sys.executable, "scripts/split.py"], cwd=workdir, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"split failed:\n{result.stdout}\n{result.stderr}")
-
-
 def _mean_and_spread(values: list[float]) -> str:
     """'95.4% (94.7–96.1)': the mean, then the lowest and highest."""
     return f"{statistics.mean(values):.2%} ({min(values):.1%}–{max(values):.1%})"
@@ -134,7 +131,8 @@ def compare_recipes(workdir: Path, split_seeds: tuple[int, ...]) -> list[dict]:
     results = {"default": [], "candidate": []}
     try:
         for split_seed in split_seeds:
-            _resplit(workdir, split_seed)
+            _update_params(workdir, "split", {"seed": split_seed})
+            run_command([sys.executable, "scripts/split.py"], workdir)
             for name, overrides in (("default", None), ("candidate", CANDIDATE)):
                 figures = _train_and_evaluate(workdir, overrides)
                 results[name].append(figures)
@@ -143,26 +141,23 @@ def compare_recipes(workdir: Path, split_seeds: tuple[int, ...]) -> list[dict]:
                       file=sys.stderr, flush=True)
     finally:
         (workdir / "params.yaml").write_text(original_params)
-    default, candidate = results["default"], results["candidate"]
+    accuracy = {name: [figures["test_accuracy"] for figures in runs] for name, runs in results.items()}
+    seconds = {name: statistics.mean(figures["stage_seconds"] for figures in runs) for name, runs in results.items()}
+    flops = {name: format_flops(runs[0]["training_flops"]) for name, runs in results.items()}
+    errors = {name: 1 - statistics.mean(values) for name, values in accuracy.items()}
     seeds = ",".join(str(seed) for seed in split_seeds)
-
-    def column(runs: list[dict], key: str) -> list[float]:
-        return [run[key] for run in runs]
-
     return [
         {"benchmark": f"train_cnn on gear, split.seed {seeds}: mean test accuracy (lowest–highest)",
-         "value": _mean_and_spread(column(candidate, "test_accuracy")),
-         "baseline": _mean_and_spread(column(default, "test_accuracy")) + " (default)",
-         "ratio": f"{(1 - statistics.mean(column(default, 'test_accuracy'))) / max(1 - statistics.mean(column(candidate, 'test_accuracy')), 1e-9):.2f}x fewer errors",
-         "flops": f"{format_flops(candidate[0]['training_flops'])} (default {format_flops(default[0]['training_flops'])})",
+         "value": _mean_and_spread(accuracy["candidate"]),
+         "baseline": _mean_and_spread(accuracy["default"]) + " (default)",
+         "ratio": f"{errors['default'] / max(errors['candidate'], 1e-9):.2f}x fewer errors",
+         "flops": f"{flops['candidate']} (default {flops['default']})",
          "note": f"candidate {CANDIDATE}; each split's accuracies: candidate "
-                 + ", ".join(f"{value:.1%}" for value in column(candidate, "test_accuracy"))
-                 + "; default " + ", ".join(f"{value:.1%}" for value in column(default, "test_accuracy"))},
+                 + ", ".join(f"{value:.1%}" for value in accuracy["candidate"])
+                 + "; default " + ", ".join(f"{value:.1%}" for value in accuracy["default"])},
         {"benchmark": f"train_cnn on gear, split.seed {seeds}: mean stage time, 2 CPU cores",
-         "value": f"{statistics.mean(column(candidate, 'stage_seconds')):.0f} s",
-         "baseline": f"{statistics.mean(column(default, 'stage_seconds')):.0f} s (default)",
-         "ratio": f"{statistics.mean(column(default, 'stage_seconds')) / statistics.mean(column(candidate, 'stage_seconds')):.2f}x faster",
-         "note": "includes start-up and saving"},
+         "value": f"{seconds['candidate']:.0f} s", "baseline": f"{seconds['default']:.0f} s (default)",
+         "ratio": f"{seconds['default'] / seconds['candidate']:.2f}x faster", "note": "includes start-up and saving"},
     ]
 
 

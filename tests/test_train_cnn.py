@@ -158,6 +158,8 @@ def test_identity_init_passes_the_first_channels_through():
 
 
 def test_conv_init_scale_sets_the_variance_of_the_convolutions_random_start():
+    import keras
+
     from imgcls.cnn import build_cnn
     from imgcls.params import TrainCnnParams
 
@@ -166,7 +168,7 @@ def test_conv_init_scale_sets_the_variance_of_the_convolutions_random_start():
     variances = {}
     for scale in (2.0, 0.333):
         model = build_cnn(10, 32, TrainCnnParams.model_validate({**params, "conv_init_scale": scale}), seed=0)
-        kernel = model.get_layer("block2_conv1").kernel.numpy()
+        kernel = keras.ops.convert_to_numpy(model.get_layer("block2_conv1").kernel)
         fan_in = np.prod(kernel.shape[:3])
         variances[scale] = kernel.var() * fan_in
         # Scale 2 is He initialisation, saved under its own name.
@@ -375,9 +377,9 @@ def test_the_fast_cnn_options_train_and_load_safely(prepared):
     assert 0 < card["confidence_threshold"] <= 1 and card["target_coverage"] == 0.99
 
 
-# Every option from airbench's ablations at once: identity init over PyTorch's smaller random start, fast batch-norm statistics with fixed scales, 64x
-# learning rate on the batch-norm offsets, a ramped moving average of the weights reset into them every 4 steps,
-# alternating flips, whole-pixel shifts.
+# Every option from airbench's ablations at once: identity init over PyTorch's smaller random start, fast
+# batch-norm statistics with fixed scales, 64x learning rate on the batch-norm offsets, a ramped moving average of
+# the weights reset into them every 4 steps, alternating flips, whole-pixel shifts.
 AIRBENCH_OPTIONS = {"train_cnn.identity_init": True, "train_cnn.conv_init_scale": 0.333,
                     "train_cnn.batch_norm_momentum": 0.4,
                     "train_cnn.batch_norm_scale": False, "train_cnn.batch_norm_bias_lr_scale": 64.0,

@@ -146,7 +146,7 @@ def _convolution(x, filters: int, section, prefix: str, number: int):
                                       kernel_initializer=initializer, name=f"{prefix}conv{number}")
     x = convolution(x)
     if section.identity_init:
-        # The weights are set, not the initializer: the saved config keeps plain he_normal.
+        # The weights are set, not the initializer: the saved config keeps the plain initializer.
         convolution.kernel.assign(identity_kernel(keras.ops.convert_to_numpy(convolution.kernel)))
     if section.batch_norm:
         # momentum 0.9 (the default; not Keras' 0.99): running statistics must settle within a short training.
