@@ -177,6 +177,21 @@ def test_conv_init_scale_sets_the_variance_of_the_convolutions_random_start():
     assert variances[2.0] == pytest.approx(2.0, rel=0.05) and variances[0.333] == pytest.approx(0.333, rel=0.05)
 
 
+def test_pool_before_norm_pools_each_block_before_its_batch_norm():
+    from imgcls.cnn import build_cnn
+    from imgcls.params import TrainCnnParams
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
+    params.update(input_size=32, filters=[8, 16], convs_per_block=2, pool_after="first", batch_norm=True)
+    for before, expected in ((False, ["conv1", "norm1", "relu1", "pool", "conv2", "norm2", "relu2"]),
+                             (True, ["conv1", "pool", "norm1", "relu1", "conv2", "norm2", "relu2"])):
+        model = build_cnn(10, 32, TrainCnnParams.model_validate({**params, "pool_before_norm": before}), seed=0)
+        names = [layer.name.removeprefix("block1_") for layer in model.layers if layer.name.startswith("block1_")]
+        assert names == expected
+        # Either way each block halves the map once: 32 -> 16 -> 8.
+        assert model.get_layer("block2_conv2").output.shape[1:3] == (8, 8)
+
+
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_scaled_rates_multiply_the_learning_rate_of_the_named_variables(name):
     import keras
@@ -386,7 +401,8 @@ AIRBENCH_OPTIONS = {"train_cnn.identity_init": True, "train_cnn.conv_init_scale"
                     "train_cnn.optimizer": "sgd", "train_cnn.ema_momentum": 0.8, "train_cnn.ema_every": 4,
                     "train_cnn.ema_ramp": 0.6, "train_cnn.alternate_flips": True, "train_cnn.augment.flip": "none",
                     "train_cnn.augment.translation": 0.1, "train_cnn.augment.interpolation": "nearest",
-                    "train_cnn.convs_per_block": 2}
+                    "train_cnn.convs_per_block": 2, "train_cnn.pool_after": "first",
+                    "train_cnn.pool_before_norm": True}
 
 
 def test_the_airbench_options_train_reproducibly_and_save_the_averaged_weights(prepared):

@@ -103,6 +103,7 @@ class TrainCnnParams(Section):
     filters: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
     convs_per_block: int = Field(ge=1, le=8)
     pool_after: Literal["first", "last"]
+    pool_before_norm: bool
     batch_norm: bool
     batch_norm_momentum: float = Field(ge=0, lt=1)
     batch_norm_scale: bool
