@@ -345,6 +345,11 @@ def test_the_whitening_stem_decorrelates_image_patches():
     assert 0.8 < np.diag(covariance).min() and np.diag(covariance).max() < 1.0 + 1e-3
     assert np.corrcoef(patches, rowvar=False).min() > 0.5  # while the raw pixels were correlated
 
+    # epsilon is relative to the pixel variance: the same images at a tenth of the contrast whiten the same.
+    faint_kernel, faint_bias = whitening_filters(0.1 * images)
+    np.testing.assert_allclose(0.1 * faint_kernel, kernel, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(faint_bias, bias, rtol=1e-4, atol=1e-5)
+
 
 @pytest.mark.parametrize("flip, shift", [(True, False), (False, True), (True, True)])
 def test_test_time_augmentation_averages_the_mirror_and_shifted_images(flip, shift):
