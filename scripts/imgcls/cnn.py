@@ -214,11 +214,11 @@ def whitening_filters(images: np.ndarray, epsilon: float = 5e-4) -> tuple[np.nda
     ReLU or GELU after the stem keeps both signs of each direction.
 
     `epsilon` is relative to the mean pixel variance, as airbench's is to its
-    standardised pixels: it keeps the faintest directions (on JPEG images, fine
-    colour detail with a variance 10,000x below the brightest) from being
-    amplified without bound, while barely damping the rest. An absolute
-    epsilon on 0..1 pixels, 16x larger in those units, damped half the
-    directions of CIFAR-10's patches to below 0.65 of unit variance.
+    standardised pixels: it keeps the faintest directions (in the JPEG copy of
+    CIFAR-10, fine colour detail with 1/86,000 of the brightest's variance)
+    from being amplified without bound, while barely damping the rest. An
+    absolute epsilon on 0..1 pixels, 16x airbench's in those units, damped
+    half of that copy's 12 directions to below 0.65 of unit variance.
     """
     k = WHITEN_KERNEL
     height, width = images.shape[1:3]
@@ -232,7 +232,8 @@ def whitening_filters(images: np.ndarray, epsilon: float = 5e-4) -> tuple[np.nda
     mean = total / count
     covariance = (products - count * np.outer(mean, mean)) / (count - 1)
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-    projections = eigenvectors / np.sqrt(eigenvalues + epsilon * np.trace(covariance) / len(covariance))  # columns: whitened directions
+    floor = epsilon * np.trace(covariance) / len(covariance)  # epsilon times the mean pixel variance
+    projections = eigenvectors / np.sqrt(eigenvalues + floor)  # columns: whitened directions
     kernel = np.concatenate([projections, -projections], axis=1)
     bias = -mean @ kernel
     return kernel.reshape(k, k, 3, -1).astype(np.float32), bias.astype(np.float32)
