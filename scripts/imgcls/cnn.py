@@ -71,11 +71,7 @@ def build_cnn(num_classes: int, image_size: int, section, seed: int, train_image
             if pools_here and size >= 2:  # a block on a 1x1 map cannot pool further
                 pool = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")
                 size //= 2
-            if section.pool_before_norm:
-                x = _convolution(x, filters, section, f"block{block}_", number, pool_first=pool)
-            else:
-                x = _convolution(x, filters, section, f"block{block}_", number)
-                x = pool(x) if pool is not None else x
+            x = _convolution(x, filters, section, f"block{block}_", number, pool)
     if section.pooling == "global_average":
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     elif section.pooling == "global_max":
@@ -143,8 +139,11 @@ def _map_axis(x, matrix: np.ndarray, axis: int, name: str):
     return keras.layers.Permute(order, dtype="float32", name=f"{name}_back")(x)
 
 
-def _convolution(x, filters: int, section, prefix: str, number: int, pool_first=None):
-    """3x3 convolution, then `pool_first` (a pooling layer) if given, optional batch normalisation, activation."""
+def _convolution(x, filters: int, section, prefix: str, number: int, pool=None):
+    """3x3 convolution, optional batch normalisation, activation; then `pool` (a pooling layer), if given.
+
+    With section.pool_before_norm the pooling comes right after the convolution instead.
+    """
     # Scale 2 is exactly he_normal; the name keeps the default model's config as it was.
     initializer = ("he_normal" if section.conv_init_scale == 2
                    else keras.initializers.VarianceScaling(section.conv_init_scale, "fan_in", "truncated_normal"))
@@ -154,14 +153,16 @@ def _convolution(x, filters: int, section, prefix: str, number: int, pool_first=
     if section.identity_init:
         # The weights are set, not the initializer: the saved config keeps the plain initializer.
         convolution.kernel.assign(identity_kernel(keras.ops.convert_to_numpy(convolution.kernel)))
-    if pool_first is not None:
-        x = pool_first(x)
+    pool_first = pool is not None and section.pool_before_norm
+    if pool_first:
+        x = pool(x)
     if section.batch_norm:
         # momentum 0.9 (the default; not Keras' 0.99): running statistics must settle within a short training.
         # scale False fixes each channel's scale at 1 (airbench does): the next layer's weights can take it on.
         x = keras.layers.BatchNormalization(momentum=section.batch_norm_momentum, scale=section.batch_norm_scale,
                                             name=f"{prefix}norm{number}")(x)
-    return keras.layers.Activation(section.activation, name=f"{prefix}{section.activation}{number}")(x)
+    x = keras.layers.Activation(section.activation, name=f"{prefix}{section.activation}{number}")(x)
+    return pool(x) if pool is not None and not pool_first else x
 
 
 def identity_kernel(kernel: np.ndarray) -> np.ndarray:
