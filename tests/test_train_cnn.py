@@ -546,3 +546,14 @@ def test_the_cifar10_presets_print_valid_params_overrides(preset, filters):
     assert loaded["train_cnn"].mixed_precision == "bfloat16"
     missing = subprocess.run([sys.executable, "scripts/preset.py", "imagenet"], cwd=REPO, capture_output=True, text=True)
     assert missing.returncode != 0 and "presets/imagenet.yaml not found: presets are cifar10" in missing.stderr
+
+
+def test_the_recipe_benchmark_takes_a_candidate_as_key_value_pairs():
+    from bench_cnn import parse_recipe
+
+    recipe = parse_recipe(["filters=[16,32,64,128]", "test_time_flip=true", "augment.zoom=0.2", "augment.flip=none"])
+    assert recipe == {"filters": [16, 32, 64, 128], "test_time_flip": True, "augment": {"zoom": 0.2, "flip": "none"}}
+    # A malformed pair stops the benchmark before it copies the project or trains anything.
+    result = subprocess.run([sys.executable, "tests/benchmark.py", "--only", "cnn_splits", "--candidate", "filters"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0 and "--candidate 'filters': expected KEY=VALUE" in result.stderr
