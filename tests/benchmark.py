@@ -18,8 +18,8 @@ at `--budget` PFLOP of training (see tests/bench_cifar.py):
     python tests/benchmark.py --only cifar --budget 0.15 [--cifar-runs preset,previous] [--seeds 0,1]
 
 `--only cnn_splits` (also not in the default run: about 20 minutes per split on
-2 CPU cores) trains the default gear CNN and the previous default (or a candidate
-recipe) side by side on several splits (tests/bench_cnn.py):
+2 CPU cores) trains the default gear CNN and a candidate
+recipe side by side on several splits (tests/bench_cnn.py):
 
     python tests/benchmark.py --only cnn_splits --split-seeds 0,1,2 [--candidate input_size=128 filters=[16,32,64,128]]
 """
@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--split-seeds", default="0,1,2", help="cnn_splits: split.seed values, e.g. 0,1,2")
     parser.add_argument("--candidate", nargs="+", metavar="KEY=VALUE",
                         help="cnn_splits: the candidate's train_cnn params, e.g. input_size=128"
-                             " filters=[16,32,64,128] (default: tests/bench_cnn.py's PREVIOUS_DEFAULT)")
+                             " filters=[16,32,64,128] (default: tests/bench_cnn.py's CANDIDATE)")
     parser.add_argument("--cifar-runs", default="preset",
                         help="cifar: preset, previous (the preset before airbench's ideas, the baseline) or both,"
                              " comma-separated")
@@ -222,11 +222,10 @@ def main() -> None:
     unknown = sorted(set(sections) - set(SECTIONS + EXTRA_SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS + EXTRA_SECTIONS}")
-    from bench_cnn import PREVIOUS_DEFAULT, compare_recipes, parse_recipe
+    from bench_cnn import CANDIDATE, compare_recipes, parse_recipe
 
     # A typo in a candidate fails here, before any work, not after an hour of training.
-    other, other_name = (parse_recipe(arguments.candidate), "candidate") if arguments.candidate else (
-        PREVIOUS_DEFAULT, "previous default")
+    candidate = parse_recipe(arguments.candidate) if arguments.candidate else CANDIDATE
     cifar_runs = tuple(name for name in arguments.cifar_runs.split(",") if name)
     if not cifar_runs or set(cifar_runs) - {"preset", "previous"}:
         parser.error(f"--cifar-runs {arguments.cifar_runs!r}: choose preset, previous or both")
@@ -257,7 +256,7 @@ def main() -> None:
         if set(SECTIONS) <= set(sections):
             rows += noop_rows(workdir)
         if "cnn_splits" in sections:
-            rows += compare_recipes(workdir, tuple(int(seed) for seed in arguments.split_seeds.split(",")), other, other_name)
+            rows += compare_recipes(workdir, tuple(int(seed) for seed in arguments.split_seeds.split(",")), candidate)
         if "cifar" in sections:  # last: it replaces the gear photos in the work folder with CIFAR-10
             from bench_cifar import DEFAULT_DATA, run_section
 
