@@ -60,34 +60,27 @@ CANDIDATE = {"input_size": 128, "filters": [16, 32, 64, 128], "test_time_flip": 
 
 def parse_recipe(pairs: list[str]) -> dict:
     """train_cnn overrides from KEY=VALUE pairs, as `dvc exp run -S` takes them: each value is YAML,
-    and a dotted key reaches into a nested section (augment.zoom=0.2)."""
+    and a dotted key names a nested param (augment.zoom=0.2)."""
     recipe = {}
     for pair in pairs:
         key, separator, value = pair.partition("=")
         if not separator or not key:
             raise SystemExit(f"--candidate {pair!r}: expected KEY=VALUE, e.g. filters=[16,32,64,128]")
-        *parents, name = key.split(".")
-        section = recipe
-        for parent in parents:
-            section = section.setdefault(parent, {})
-        section[name] = yaml.safe_load(value)
+        recipe[key] = yaml.safe_load(value)
     return recipe
 
 
-def _merge(section: dict, changes: dict) -> None:
-    """Update `section` with `changes`, nested sections key by key."""
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(section.get(key), dict):
-            _merge(section[key], value)
-        else:
-            section[key] = value
-
-
 def _update_params(workdir: Path, section: str, changes: dict) -> None:
-    """Update one section of the work folder's params.yaml with `changes`."""
+    """Set params of one section of the work folder's params.yaml; a dotted key (augment.zoom) sets only that
+    nested param, the others keep their values."""
     params_file = workdir / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
-    _merge(params[section], changes)
+    for dotted, value in changes.items():
+        *parents, name = dotted.split(".")
+        target = params[section]
+        for parent in parents:
+            target = target[parent]
+        target[name] = value
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -147,21 +140,20 @@ def _mean_and_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2%} ({min(values):.1%}–{max(values):.1%})"
 
 
-def compare_recipes(workdir: Path, split_seeds: tuple[int, ...], other: dict = CANDIDATE,
-                    other_name: str = "candidate") -> list[dict]:
-    """Train the default and `other` (train_cnn overrides) on each split.seed; return rows of mean accuracy
-    and FLOPs, the default's beside the other's."""
+def compare_recipes(workdir: Path, split_seeds: tuple[int, ...], candidate: dict = CANDIDATE) -> list[dict]:
+    """Train the default and `candidate` (train_cnn overrides) on each split.seed; return rows of mean accuracy
+    and FLOPs, the default's beside the candidate's."""
     workdir = Path(workdir)
     sys.path.insert(0, str(workdir / "scripts"))
     from imgcls.flops import format_flops
 
     original_params = (workdir / "params.yaml").read_text()
-    results = {"default": [], other_name: []}
+    results = {"default": [], "candidate": []}
     try:
         for split_seed in split_seeds:
             _update_params(workdir, "split", {"seed": split_seed})
             run_command([sys.executable, "scripts/split.py"], workdir)
-            for name, overrides in (("default", None), (other_name, other)):
+            for name, overrides in (("default", None), ("candidate", candidate)):
                 figures = _train_and_evaluate(workdir, overrides)
                 results[name].append(figures)
                 print(f"(split.seed {split_seed}, {name}: test accuracy {figures['test_accuracy']:.2%},"
@@ -177,15 +169,15 @@ def compare_recipes(workdir: Path, split_seeds: tuple[int, ...], other: dict = C
     return [
         {"benchmark": f"train_cnn on gear, split.seed {seeds}: mean test accuracy (lowest–highest)",
          "value": _mean_and_spread(accuracy["default"]),
-         "baseline": f"{_mean_and_spread(accuracy[other_name])} ({other_name})",
-         "ratio": f"{errors[other_name] / max(errors['default'], 1e-9):.2f}x fewer errors",
-         "flops": f"{flops['default']} ({other_name} {flops[other_name]})",
-         "note": f"{other_name} {other}; each split's accuracies: default "
+         "baseline": _mean_and_spread(accuracy["candidate"]) + " (candidate)",
+         "ratio": f"{errors['candidate'] / max(errors['default'], 1e-9):.2f}x fewer errors",
+         "flops": f"{flops['default']} (candidate {flops['candidate']})",
+         "note": f"candidate {candidate}; each split's accuracies: default "
                  + ", ".join(f"{value:.2%}" for value in accuracy["default"])
-                 + f"; {other_name} " + ", ".join(f"{value:.2%}" for value in accuracy[other_name])},
+                 + "; candidate " + ", ".join(f"{value:.2%}" for value in accuracy["candidate"])},
         {"benchmark": f"train_cnn on gear, split.seed {seeds}: mean stage time, 2 CPU cores",
-         "value": f"{seconds['default']:.0f} s", "baseline": f"{seconds[other_name]:.0f} s ({other_name})",
-         "ratio": f"{seconds[other_name] / seconds['default']:.2f}x faster", "note": "includes start-up and saving"},
+         "value": f"{seconds['default']:.0f} s", "baseline": f"{seconds['candidate']:.0f} s (candidate)",
+         "ratio": f"{seconds['candidate'] / seconds['default']:.2f}x faster", "note": "includes start-up and saving"},
     ]
 
 

@@ -18,8 +18,8 @@ at `--budget` PFLOP of training (see tests/bench_cifar.py):
     python tests/benchmark.py --only cifar --budget 0.15 [--cifar-runs preset,previous] [--seeds 0,1]
 
 `--only cnn_splits` (also not in the default run: about 20 minutes per split on
-2 CPU cores) trains the default gear CNN and a candidate
-recipe side by side on several splits (tests/bench_cnn.py):
+2 CPU cores) trains the default gear CNN and a candidate recipe side by side on
+several splits (tests/bench_cnn.py):
 
     python tests/benchmark.py --only cnn_splits --split-seeds 0,1,2 [--candidate input_size=128 filters=[16,32,64,128]]
 """
@@ -222,10 +222,11 @@ def main() -> None:
     unknown = sorted(set(sections) - set(SECTIONS + EXTRA_SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS + EXTRA_SECTIONS}")
-    from bench_cnn import CANDIDATE, compare_recipes, parse_recipe
+    if "cnn_splits" in sections:
+        from bench_cnn import CANDIDATE, compare_recipes, parse_recipe
 
-    # A typo in a candidate fails here, before any work, not after an hour of training.
-    candidate = parse_recipe(arguments.candidate) if arguments.candidate else CANDIDATE
+        # A typo in a candidate fails here, before any work, not after an hour of training.
+        candidate = parse_recipe(arguments.candidate) if arguments.candidate else CANDIDATE
     cifar_runs = tuple(name for name in arguments.cifar_runs.split(",") if name)
     if not cifar_runs or set(cifar_runs) - {"preset", "previous"}:
         parser.error(f"--cifar-runs {arguments.cifar_runs!r}: choose preset, previous or both")

@@ -549,11 +549,18 @@ def test_the_cifar10_presets_print_valid_params_overrides(preset, filters):
     assert missing.returncode != 0 and "presets/imagenet.yaml not found: presets are cifar10" in missing.stderr
 
 
-def test_the_recipe_benchmark_takes_a_candidate_as_key_value_pairs():
-    from bench_cnn import parse_recipe
+def test_the_recipe_benchmark_takes_a_candidate_as_key_value_pairs(tmp_path):
+    from bench_cnn import _update_params, parse_recipe
 
     recipe = parse_recipe(["filters=[16,32,64,128]", "test_time_flip=true", "augment.zoom=0.2", "augment.flip=none"])
-    assert recipe == {"filters": [16, 32, 64, 128], "test_time_flip": True, "augment": {"zoom": 0.2, "flip": "none"}}
+    assert recipe == {"filters": [16, 32, 64, 128], "test_time_flip": True, "augment.zoom": 0.2, "augment.flip": "none"}
+    # Applied to params.yaml, a dotted key changes that nested param alone.
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    _update_params(tmp_path, "train_cnn", recipe)
+    section = yaml.safe_load((tmp_path / "params.yaml").read_text())["train_cnn"]
+    default = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
+    assert section["filters"] == [16, 32, 64, 128] and section["test_time_flip"] is True
+    assert section["augment"] == {**default["augment"], "zoom": 0.2, "flip": "none"}
     # A malformed pair stops the benchmark before it copies the project or trains anything.
     result = subprocess.run([sys.executable, "tests/benchmark.py", "--only", "cnn_splits", "--candidate", "filters"],
                             cwd=REPO, capture_output=True, text=True)
