@@ -155,6 +155,40 @@ def test_a_training_set_kept_on_the_device_trains_exactly_like_one_sent_batch_by
     assert result.stdout.startswith("4 True"), result.stdout
 
 
+COMPILED_WITH_RANDOM_TRANSFORMS = """
+import sys
+from types import SimpleNamespace
+import keras, numpy as np
+sys.path.insert(0, "scripts")
+from imgcls import training
+from imgcls.modelio import load_keras
+
+augment = SimpleNamespace(flip="horizontal", rotation=0.1, zoom=0.1, translation=0.1, contrast=0.1,
+                          interpolation="nearest")
+inputs = keras.Input((8, 8, 3))
+x = training.augmentation(augment, seed=0)(inputs)
+x = keras.layers.Rescaling(1 / 255)(keras.layers.Flatten()(x))
+model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+training.compile_classifier(model, "sgd")
+rng = np.random.default_rng(0)
+model.fit(rng.integers(0, 255, (16, 8, 8, 3)).astype("uint8"), np.arange(16) % 3, epochs=1, verbose=0)
+copy = training.uncompiled_copy(model)  # saved as the trainers save: without the optimizer
+copy.save(sys.argv[1])
+plain = keras.layers.RandomTranslation(0.1, 0.1)
+print(plain.supports_jit, model.jit_compile, copy.jit_compile, load_keras(sys.argv[1]).jit_compile)
+"""
+
+
+def test_on_jax_a_model_with_random_rotations_zooms_and_shifts_is_compiled(tmp_path):
+    # Keras marks these layers as not compilable (for TensorFlow's sake) and would then run the whole model
+    # eagerly on JAX, op by op; built, copied or loaded, the project's models are compiled all the same.
+    result = subprocess.run([sys.executable, "-c", COMPILED_WITH_RANDOM_TRANSFORMS, str(tmp_path / "model.keras")],
+                            cwd=REPO, capture_output=True, text=True,
+                            env={**stage_env(), "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-4:] == ["False", "True", "True", "True"], result.stdout
+
+
 def test_only_an_accelerator_with_room_to_spare_keeps_the_training_set():
     from imgcls.device import fits_on_device
 

@@ -125,6 +125,31 @@ def accelerators() -> list:
     return jax.local_devices()
 
 
+def compile_on_jax(model):
+    """Let Keras XLA-compile `model`'s steps on JAX although it holds random rotations, zooms or shifts; returns it.
+
+    Keras marks those layers as not compilable (supports_jit False) because
+    TensorFlow's image-transform op has no XLA kernel. On JAX they are plain
+    jax.numpy and compile like any other layer, but the mark alone makes Keras
+    run every training and prediction step of the whole model eagerly, op by op:
+    on a GPU, most of the step time. Call it wherever such a layer is made: when
+    a model is built, copied from its config, or loaded.
+    """
+    import keras
+
+    if keras.backend.backend() == "jax":
+        pending = [model]
+        while pending:
+            layer = pending.pop()
+            if isinstance(layer, (keras.layers.RandomRotation, keras.layers.RandomZoom, keras.layers.RandomTranslation)):
+                layer.supports_jit = True
+            pending.extend(getattr(layer, "layers", []))
+        if isinstance(model, keras.Model):
+            # Loading reads every attribute, so a loaded model has already settled on False: ask again.
+            model.jit_compile = True
+    return model
+
+
 def _multi_host() -> bool:
     return all(os.environ.get(name) for name in MULTI_HOST_VARIABLES)
 

@@ -78,9 +78,10 @@ def load_keras(model_file: Path | str):
     import keras
 
     import imgcls.calibration  # noqa: F401  (registers the Temperature layer the trainers add)
+    from imgcls.device import compile_on_jax
 
     # safe_mode refuses models that would run arbitrary Python code (Lambda layers) on load.
-    return keras.saving.load_model(model_file, safe_mode=True)
+    return compile_on_jax(keras.saving.load_model(model_file, safe_mode=True))
 
 
 def load_model(model_file: Path | str, check_classes: bool = True):

@@ -266,7 +266,7 @@ def augmentation(section, seed: int) -> keras.Sequential:
                                                      **resampling))
     if section.contrast > 0:
         layers.append(keras.layers.RandomContrast(section.contrast, value_range=(0, 255), seed=seed + 4))
-    return keras.Sequential(layers or [keras.layers.Identity()], name="augmentation")
+    return device.compile_on_jax(keras.Sequential(layers or [keras.layers.Identity()], name="augmentation"))
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
@@ -482,7 +482,8 @@ class IndexAccuracy(keras.metrics.SparseCategoricalAccuracy):
 def compile_classifier(model: keras.Model, optimizer, label_smoothing: float = 0.0, jit_compile: bool = False) -> None:
     """Compile for class-index targets: cross-entropy with label smoothing, metric "accuracy".
 
-    JAX always compiles its steps (running them eagerly is very slow), so
+    JAX always compiles its steps (running them eagerly is very slow; see
+    device.compile_on_jax for the layers Keras would otherwise refuse), so
     jit_compile only matters with TensorFlow.
     """
     if keras.backend.backend() == "jax":
@@ -726,7 +727,7 @@ def model_card(name: str, class_names: list[str], resize_section, image_size: in
 def uncompiled_copy(model: keras.Model) -> keras.Model:
     """The same architecture and weights, with no optimizer, loss or learning-rate schedule attached."""
     # from_config (unlike clone_model) carries no compile settings over.
-    clone = model.__class__.from_config(model.get_config())
+    clone = device.compile_on_jax(model.__class__.from_config(model.get_config()))
     clone.set_weights(model.get_weights())
     return clone
 
