@@ -13,7 +13,9 @@ PFLOP) of the same recipe.
     python tests/benchmark.py --only cifar --budget 0.15 [--cifar-data PATH] [--cifar-runs preset,previous] [--seeds 0,1]
 
 `--cifar-runs` picks what is trained: `preset` (the airbench-style candidate, the default), `previous`
-(presets/cifar10.yaml, the measured preset, as the baseline), or both, in that order.
+(presets/cifar10.yaml, the measured preset, as the baseline), or both, in that order. `--candidate
+KEY=VALUE ...` changes the preset's train_cnn params for this run (dotted keys for nested ones), e.g.
+`--candidate activation=gelu batch_norm_epsilon=1e-12`.
 """
 
 import json
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmark import REPO, run
+from benchmark import REPO, run, with_overrides
 
 PRESET = REPO / "presets/cifar10-airbench.yaml"
 DEFAULT_DATA = REPO.parent / "shared/data/datasets/cifar10-jpeg.tar.gz"
@@ -97,12 +99,9 @@ def describe(result: dict) -> str:
 RUNS = {"preset": PRESET, "previous": REPO / "presets/cifar10.yaml"}
 
 
-def run_section(workdir: Path, budget_pflop: float | None, data: Path = DEFAULT_DATA, runs: tuple[str, ...] = ("preset",),
-                seeds: tuple[int, ...] = (0,)) -> list[dict]:
-    """Prepare CIFAR-10 in `workdir` through the data stages, train at the budget once per training seed;
-    return the benchmark row (accuracy: the mean over the seeds)."""
-    from imgcls.flops import format_flops
-
+def prepare(workdir: Path, data: Path) -> dict:
+    """Bring CIFAR-10 from `data` into `workdir` through the data stages; return the params they ran with (the
+    preset's over params.yaml). params.yaml itself is left as it was."""
     data = Path(data).resolve()
     if not data.exists():
         raise SystemExit(f"{data} not found: pass --cifar-data, a CIFAR-10 copy laid out train/<class>/… and"
@@ -113,12 +112,30 @@ def run_section(workdir: Path, budget_pflop: float | None, data: Path = DEFAULT_
     params["data"]["source"] = str(data)
     try:
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-        started = time.perf_counter()
         for stage in ("data", "resize", "split"):
             run([sys.executable, f"scripts/{stage}.py"], workdir)
-        data_seconds = time.perf_counter() - started
-        defaults = yaml.safe_load(original)["train_cnn"]
-        sections = {name: merged(defaults, yaml.safe_load(RUNS[name].read_text())["train_cnn"]) for name in runs}
+    finally:
+        params_file.write_text(original)
+    return params
+
+
+def run_section(workdir: Path, budget_pflop: float | None, data: Path = DEFAULT_DATA, runs: tuple[str, ...] = ("preset",),
+                seeds: tuple[int, ...] = (0,), changes: dict | None = None) -> list[dict]:
+    """Prepare CIFAR-10 in `workdir` through the data stages, train at the budget once per training seed;
+    return the benchmark row (accuracy: the mean over the seeds). `changes` (dotted train_cnn keys) apply to
+    the preset."""
+    from imgcls.flops import format_flops
+
+    params_file = workdir / "params.yaml"
+    original = params_file.read_text()
+    started = time.perf_counter()
+    params = prepare(workdir, data)
+    data_seconds = time.perf_counter() - started
+    defaults = yaml.safe_load(original)["train_cnn"]
+    sections = {name: merged(defaults, yaml.safe_load(RUNS[name].read_text())["train_cnn"]) for name in runs}
+    if changes and "preset" in sections:
+        sections["preset"] = with_overrides(sections["preset"], changes)
+    try:
         results = {name: [train_and_evaluate(workdir, {**params, "seed": seed}, sections[name], budget_pflop)
                           for seed in seeds] for name in runs}
     finally:
@@ -129,6 +146,8 @@ def run_section(workdir: Path, budget_pflop: float | None, data: Path = DEFAULT_
     if main is None:  # the previous preset alone
         main, earlier = earlier, None
     name = "presets/cifar10-airbench.yaml" if "preset" in results else "the previous CIFAR-10 preset"
+    if changes and "preset" in results:
+        name += " with " + " ".join(f"{key}={value}" for key, value in changes.items())
     main_accuracy = float(np.mean([result["accuracy"] for result in main]))
     earlier_accuracy = float(np.mean([result["accuracy"] for result in earlier])) if earlier else None
     over = f"mean of seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from benchmark import run as run_command
+from benchmark import with_overrides
 
 # The seeds' "conv-pool-conv-pool-dense" network, expressed in train_cnn params.
 BASELINE = {
@@ -58,29 +59,11 @@ BASELINE = {
 CANDIDATE = {"input_size": 128, "filters": [16, 32, 64, 128], "test_time_flip": True}
 
 
-def parse_recipe(pairs: list[str]) -> dict:
-    """train_cnn overrides from KEY=VALUE pairs, as `dvc exp run -S` takes them: each value is YAML,
-    and a dotted key names a nested param (augment.zoom=0.2)."""
-    recipe = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator or not key:
-            raise SystemExit(f"--candidate {pair!r}: expected KEY=VALUE, e.g. filters=[16,32,64,128]")
-        recipe[key] = yaml.safe_load(value)
-    return recipe
-
-
 def _update_params(workdir: Path, section: str, changes: dict) -> None:
-    """Set params of one section of the work folder's params.yaml; a dotted key (augment.zoom) sets only that
-    nested param, the others keep their values."""
+    """Set params of one section of the work folder's params.yaml (dotted keys: see with_overrides)."""
     params_file = workdir / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
-    for dotted, value in changes.items():
-        *parents, name = dotted.split(".")
-        target = params[section]
-        for parent in parents:
-            target = target[parent]
-        target[name] = value
+    params[section] = with_overrides(params[section], changes)
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

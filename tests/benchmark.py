@@ -16,6 +16,7 @@ trains the CIFAR-10 preset through the pipeline on a local copy of CIFAR-10,
 at `--budget` PFLOP of training (see tests/bench_cifar.py):
 
     python tests/benchmark.py --only cifar --budget 0.15 [--cifar-runs preset,previous] [--seeds 0,1]
+                                          [--candidate batch_norm_epsilon=1e-12 ...]
 
 `--only cnn_splits` (also not in the default run: about 20 minutes per split on
 2 CPU cores) trains the default gear CNN and a candidate recipe side by side on
@@ -25,6 +26,7 @@ several splits (tests/bench_cnn.py):
 """
 
 import argparse
+import copy
 import importlib
 import os
 import re
@@ -37,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 TESTS = Path(__file__).resolve().parent
@@ -62,6 +65,33 @@ def run(command: list[str], cwd: Path, output: bool = False):
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
     elapsed = time.perf_counter() - start
     return (elapsed, result.stdout) if output else elapsed
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """Param changes from KEY=VALUE pairs, as `dvc exp run -S` takes them: each value is YAML,
+    and a dotted key names a nested param (augment.zoom=0.2)."""
+    changes = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise SystemExit(f"--candidate {pair!r}: expected KEY=VALUE, e.g. filters=[16,32,64,128]")
+        changes[key] = yaml.safe_load(value)
+    return changes
+
+
+def with_overrides(section: dict, changes: dict) -> dict:
+    """A copy of a params section with `changes` set; a dotted key (augment.zoom) sets that nested param
+    alone. Every key must already be there, so a misspelt one fails by name."""
+    result = copy.deepcopy(section)
+    for dotted, value in changes.items():
+        *parents, name = dotted.split(".")
+        target = result
+        for parent in parents:
+            target = target.get(parent) if isinstance(target, dict) else None
+        if not isinstance(target, dict) or name not in target:
+            raise SystemExit(f"--candidate {dotted}={value}: no param {dotted!r} in this section")
+        target[name] = value
+    return result
 
 
 def median_time(command: list[str], cwd: Path, repeats: int = 3) -> float:
@@ -212,8 +242,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="cifar: training seeds, e.g. 0,1 (the row gives their mean)")
     parser.add_argument("--split-seeds", default="0,1,2", help="cnn_splits: split.seed values, e.g. 0,1,2")
     parser.add_argument("--candidate", nargs="+", metavar="KEY=VALUE",
-                        help="cnn_splits: the candidate's train_cnn params, e.g. input_size=128"
-                             " filters=[16,32,64,128] (default: tests/bench_cnn.py's CANDIDATE)")
+                        help="train_cnn params, e.g. input_size=128 filters=[16,32,64,128]; cnn_splits: the"
+                             " candidate trained beside the default (default: tests/bench_cnn.py's CANDIDATE);"
+                             " cifar: changes to the preset's")
     parser.add_argument("--cifar-runs", default="preset",
                         help="cifar: preset, previous (the preset before airbench's ideas, the baseline) or both,"
                              " comma-separated")
@@ -222,11 +253,16 @@ def main() -> None:
     unknown = sorted(set(sections) - set(SECTIONS + EXTRA_SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS + EXTRA_SECTIONS}")
-    if "cnn_splits" in sections:
-        from bench_cnn import CANDIDATE, compare_recipes, parse_recipe
-
+    changes = parse_overrides(arguments.candidate) if arguments.candidate else None
+    if changes:
+        if not {"cnn_splits", "cifar"} & set(sections):
+            parser.error("--candidate changes train_cnn for the cnn_splits or cifar section: add one to --only")
         # A typo in a candidate fails here, before any work, not after an hour of training.
-        candidate = parse_recipe(arguments.candidate) if arguments.candidate else CANDIDATE
+        with_overrides(yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"], changes)
+    if "cnn_splits" in sections:
+        from bench_cnn import CANDIDATE, compare_recipes
+
+        candidate = changes or CANDIDATE
     cifar_runs = tuple(name for name in arguments.cifar_runs.split(",") if name)
     if not cifar_runs or set(cifar_runs) - {"preset", "previous"}:
         parser.error(f"--cifar-runs {arguments.cifar_runs!r}: choose preset, previous or both")
@@ -262,7 +298,8 @@ def main() -> None:
             from bench_cifar import DEFAULT_DATA, run_section
 
             seeds = tuple(int(seed) for seed in arguments.seeds.split(","))
-            rows += run_section(workdir, arguments.budget, arguments.cifar_data or DEFAULT_DATA, cifar_runs, seeds)
+            rows += run_section(workdir, arguments.budget, arguments.cifar_data or DEFAULT_DATA, cifar_runs, seeds,
+                                changes)
     finally:
         print_table(rows)
         if scratch:

@@ -550,9 +550,10 @@ def test_the_cifar10_presets_print_valid_params_overrides(preset, filters):
 
 
 def test_the_recipe_benchmark_takes_a_candidate_as_key_value_pairs(tmp_path):
-    from bench_cnn import _update_params, parse_recipe
+    from bench_cnn import _update_params
+    from benchmark import parse_overrides
 
-    recipe = parse_recipe(["filters=[16,32,64,128]", "test_time_flip=true", "augment.zoom=0.2", "augment.flip=none"])
+    recipe = parse_overrides(["filters=[16,32,64,128]", "test_time_flip=true", "augment.zoom=0.2", "augment.flip=none"])
     assert recipe == {"filters": [16, 32, 64, 128], "test_time_flip": True, "augment.zoom": 0.2, "augment.flip": "none"}
     # Applied to params.yaml, a dotted key changes that nested param alone.
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
@@ -565,3 +566,8 @@ def test_the_recipe_benchmark_takes_a_candidate_as_key_value_pairs(tmp_path):
     result = subprocess.run([sys.executable, "tests/benchmark.py", "--only", "cnn_splits", "--candidate", "filters"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0 and "--candidate 'filters': expected KEY=VALUE" in result.stderr
+    # So does a misspelt key, nested or not.
+    for pair in ("augment.zoon=0.2", "filter=[8]"):
+        result = subprocess.run([sys.executable, "tests/benchmark.py", "--only", "cifar", "--candidate", pair],
+                                cwd=REPO, capture_output=True, text=True)
+        assert result.returncode != 0 and f"no param {pair.split('=')[0]!r}" in result.stderr

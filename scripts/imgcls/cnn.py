@@ -20,6 +20,7 @@ Three more come from airbench's ablations (Jordan, github.com/KellerJordan/cifar
   input channels, so the stack starts close to passing its input through;
 - batch_norm_momentum: how slowly the running statistics follow the weights;
 - batch_norm_scale: false keeps the batch-norm scales fixed at 1;
+- batch_norm_epsilon: what batch norm adds to the variance (airbench: 1e-12);
 - batch_norm_bias_lr_scale (see batch_norm_bias_rates and training.build_optimizer);
 - conv_init_scale: the size of the convolutions' random start. Batch norm
   makes a convolution's output blind to the scale of its kernel, so each
@@ -160,7 +161,7 @@ def _convolution(x, filters: int, section, prefix: str, number: int, pool=None):
         # momentum 0.9 (the default; not Keras' 0.99): running statistics must settle within a short training.
         # scale False fixes each channel's scale at 1 (airbench does): the next layer's weights can take it on.
         x = keras.layers.BatchNormalization(momentum=section.batch_norm_momentum, scale=section.batch_norm_scale,
-                                            name=f"{prefix}norm{number}")(x)
+                                            epsilon=section.batch_norm_epsilon, name=f"{prefix}norm{number}")(x)
     x = keras.layers.Activation(section.activation, name=f"{prefix}{section.activation}{number}")(x)
     return pool(x) if pool is not None and not pool_first else x
 

@@ -107,6 +107,7 @@ class TrainCnnParams(Section):
     batch_norm: bool
     batch_norm_momentum: float = Field(ge=0, lt=1)
     batch_norm_scale: bool
+    batch_norm_epsilon: float = Field(gt=0, le=1)
     batch_norm_bias_lr_scale: float = Field(gt=0, le=1000)
     identity_init: bool
     conv_init_scale: float = Field(gt=0, le=10)
