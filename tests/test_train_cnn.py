@@ -399,11 +399,13 @@ def test_the_fast_cnn_options_train_and_load_safely(prepared):
 
 
 # Every option from airbench's ablations at once: identity init over PyTorch's smaller random start, fast
-# batch-norm statistics with fixed scales, 64x learning rate on the batch-norm offsets, a ramped moving average of
-# the weights reset into them every 4 steps, alternating flips, whole-pixel shifts, pooling before batch norm.
+# batch-norm statistics with fixed scales and airbench's epsilon, 64x learning rate on the batch-norm offsets,
+# a ramped moving average of the weights reset into them every 4 steps, alternating flips, whole-pixel shifts,
+# pooling before batch norm.
 AIRBENCH_OPTIONS = {"train_cnn.identity_init": True, "train_cnn.conv_init_scale": 0.333,
                     "train_cnn.batch_norm_momentum": 0.4,
-                    "train_cnn.batch_norm_scale": False, "train_cnn.batch_norm_bias_lr_scale": 64.0,
+                    "train_cnn.batch_norm_scale": False, "train_cnn.batch_norm_epsilon": 1e-12,
+                    "train_cnn.batch_norm_bias_lr_scale": 64.0,
                     "train_cnn.optimizer": "sgd", "train_cnn.ema_momentum": 0.8, "train_cnn.ema_every": 4,
                     "train_cnn.ema_ramp": 0.6, "train_cnn.alternate_flips": True, "train_cnn.augment.flip": "none",
                     "train_cnn.augment.translation": 0.1, "train_cnn.augment.interpolation": "nearest",
