@@ -37,7 +37,8 @@ def main() -> None:
     optimizer = training.build_optimizer(section.optimizer, section.learning_rate, section.schedule, section.epochs,
                                          len(train), section.warmup_epochs, section.weight_decay,
                                          batch_norm_bias_rates(model, section.batch_norm_bias_lr_scale),
-                                         section.ema_momentum, section.ema_every, section.ema_ramp)
+                                         section.ema_momentum, section.ema_every, section.ema_ramp,
+                                         section.schedule_start, section.schedule_end, section.weight_decay_biases)
     training.compile_classifier(model, optimizer, section.label_smoothing, section.jit_compile)
     print(f"train_cnn: {model.count_params():,} parameters, {len(train_labels)} training and {len(val_labels)}"
           f" validation images, {num_classes} classes")

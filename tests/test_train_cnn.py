@@ -120,6 +120,59 @@ def test_one_cycle_and_cosine_schedules_warm_up_then_decay_to_zero():
     assert constant.weight_decay == pytest.approx(0.01)
 
 
+def test_schedules_start_and_end_where_asked():
+    import keras
+
+    from imgcls.training import OneCycle, learning_rate_schedule
+
+    # airbench's triangle: 0.2 of the peak at the start, the peak at 23%, 0.07 of it at the end.
+    schedule = OneCycle(peak=2.0, warmup_steps=23, total_steps=100, start=0.2, end=0.07)
+    rate = lambda step: float(keras.ops.convert_to_numpy(schedule(step)))  # noqa: E731
+    assert [rate(0), rate(23), rate(100)] == pytest.approx([0.4, 2.0, 0.14])
+    assert rate(23 + 77 / 2) == pytest.approx((2.0 + 0.14) / 2)
+    assert OneCycle(**schedule.get_config()).get_config() == schedule.get_config()
+    cosine = learning_rate_schedule(1.0, "cosine", epochs=10, steps_per_epoch=10, warmup_epochs=1, start=0.2, end=0.1)
+    assert [float(keras.ops.convert_to_numpy(cosine(step))) for step in (0, 10, 100)] == pytest.approx([0.2, 1.0, 0.1])
+
+
+@pytest.mark.parametrize("decay_biases", [False, True])
+def test_weight_decay_spares_biases_and_offsets_unless_asked(decay_biases):
+    import keras
+
+    from imgcls.training import build_optimizer
+
+    kernel, bias = keras.Variable(np.ones(3), name="kernel"), keras.Variable(np.ones(3), name="bias")
+    offset, scale = keras.Variable(np.ones(3), name="beta"), keras.Variable(np.ones(3), name="gamma")
+    optimizer = build_optimizer("sgd", 0.5, "constant", epochs=1, steps_per_epoch=1, weight_decay=0.1,
+                                decay_biases=decay_biases)
+    optimizer.apply([keras.ops.zeros(3)] * 4, [kernel, bias, offset, scale])
+    after = [float(keras.ops.convert_to_numpy(variable)[0]) for variable in (kernel, bias, offset, scale)]
+    shrunk = 1 - 0.5 * 0.1
+    assert after == pytest.approx([shrunk, shrunk, shrunk, 1.0] if decay_biases else [shrunk, 1.0, 1.0, 1.0])
+
+
+def test_a_trainable_whitening_stem_learns_its_offsets_and_keeps_its_filters():
+    import keras
+
+    from imgcls.cnn import build_cnn
+    from imgcls.params import TrainCnnParams
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
+    params.update(input_size=16, stem="whiten", whiten_bias_trainable=True, filters=[8], dense_units=[])
+    images = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    model = build_cnn(3, 16, TrainCnnParams.model_validate(params), seed=0, train_images=images)
+    stem = model.get_layer("whiten")
+    assert stem.trainable and [variable.path for variable in model.trainable_variables if "whiten" in variable.path] \
+        == [stem.bias.path]
+    kernel, bias = (keras.ops.convert_to_numpy(variable).copy() for variable in (stem.kernel, stem.bias))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    model.fit(images.astype("float32"), np.arange(64) % 3, epochs=1, batch_size=16, verbose=0)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(stem.kernel), kernel)
+    assert np.abs(keras.ops.convert_to_numpy(stem.bias) - bias).max() > 1e-4
+    with pytest.raises(ValueError, match="needs stem: whiten"):
+        TrainCnnParams.model_validate({**params, "stem": "none"})
+
+
 def test_alternating_flips_mirror_each_image_on_every_other_epoch():
     from imgcls.training import AlternatingFlips
 
@@ -401,7 +454,8 @@ def test_the_fast_cnn_options_train_and_load_safely(prepared):
 # Every option from airbench's ablations at once: identity init over PyTorch's smaller random start, fast
 # batch-norm statistics with fixed scales and airbench's epsilon, 64x learning rate on the batch-norm offsets,
 # a ramped moving average of the weights reset into them every 4 steps, alternating flips, whole-pixel shifts,
-# pooling before batch norm.
+# pooling before batch norm, a whitening stem whose offsets learn, airbench's triangle of learning rates and
+# weight decay of every trained weight.
 AIRBENCH_OPTIONS = {"train_cnn.identity_init": True, "train_cnn.conv_init_scale": 0.333,
                     "train_cnn.batch_norm_momentum": 0.4,
                     "train_cnn.batch_norm_scale": False, "train_cnn.batch_norm_epsilon": 1e-12,
@@ -410,7 +464,9 @@ AIRBENCH_OPTIONS = {"train_cnn.identity_init": True, "train_cnn.conv_init_scale"
                     "train_cnn.ema_ramp": 0.6, "train_cnn.alternate_flips": True, "train_cnn.augment.flip": "none",
                     "train_cnn.augment.translation": 0.1, "train_cnn.augment.interpolation": "nearest",
                     "train_cnn.convs_per_block": 2, "train_cnn.pool_after": "first",
-                    "train_cnn.pool_before_norm": True}
+                    "train_cnn.pool_before_norm": True, "train_cnn.stem": "whiten",
+                    "train_cnn.whiten_bias_trainable": True, "train_cnn.schedule_start": 0.2,
+                    "train_cnn.schedule_end": 0.07, "train_cnn.weight_decay_biases": True}
 
 
 def test_the_airbench_options_train_reproducibly_and_save_the_averaged_weights(prepared):

@@ -11,7 +11,8 @@ CIFAR-10 training literature, e.g. Page's ResNet-9 and Jordan's airbench):
 - stem "whiten": a frozen 2x2 convolution whose filters decorrelate the
   pixels of each 2x2 patch, computed from the training images. The first
   block then starts from inputs of equal variance in every direction, which
-  plain SGD otherwise spends epochs learning.
+  plain SGD otherwise spends epochs learning. whiten_bias_trainable lets its
+  offsets learn (airbench trains them for 3 epochs).
 - pool_after "first": each block pools right after its first convolution, so
   its other convolutions run at a quarter of the pixels. pool_before_norm
   moves the pooling ahead of that convolution's batch norm and activation.
@@ -63,7 +64,7 @@ def build_cnn(num_classes: int, image_size: int, section, seed: int, train_image
     if section.stem == "whiten":
         if train_images is None:
             raise ValueError("the whitening stem needs the training images to compute its filters")
-        x = _whitening_stem(x, _sample(train_images, seed), resize, section.activation)
+        x = _whitening_stem(x, _sample(train_images, seed), resize, section.activation, section.whiten_bias_trainable)
         size -= WHITEN_KERNEL - 1
     for block, filters in enumerate(section.filters, start=1):
         for number in range(1, section.convs_per_block + 1):
@@ -188,15 +189,22 @@ def batch_norm_bias_rates(model: keras.Model, scale: float) -> dict[str, float] 
             if isinstance(layer, keras.layers.BatchNormalization) and layer.center}
 
 
-def _whitening_stem(x, sample: np.ndarray, resize, activation: str):
-    """The frozen whitening convolution, its filters computed from `sample` (uint8 images) as the model sees them."""
+def _whitening_stem(x, sample: np.ndarray, resize, activation: str, bias_trainable: bool = False):
+    """The whitening convolution, its filters computed from `sample` (uint8 images) as the model sees them.
+
+    Its filters stay fixed; with `bias_trainable` its offsets (which start by
+    centring the patches) learn like any other bias.
+    """
     if resize is not None:
         sample = np.concatenate([keras.ops.convert_to_numpy(resize(chunk.astype("float32")))
                                  for chunk in np.array_split(sample, -(-len(sample) // CHUNK_IMAGES))])
     kernel, bias = whitening_filters(sample / 255.0)
-    stem = keras.layers.Conv2D(kernel.shape[-1], WHITEN_KERNEL, padding="valid", trainable=False, name="whiten")
+    stem = keras.layers.Conv2D(kernel.shape[-1], WHITEN_KERNEL, padding="valid", trainable=bias_trainable,
+                               name="whiten")
     x = stem(x)
     stem.set_weights([kernel, bias])
+    # A variable's own flag, which Keras honours in training (a saved model keeps only the layer's).
+    stem.kernel.trainable = False
     return keras.layers.Activation(activation, name="whiten_activation")(x)
 
 

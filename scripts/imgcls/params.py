@@ -100,6 +100,7 @@ class AugmentParams(Section):
 class TrainCnnParams(Section):
     input_size: int = Field(ge=8, le=1024)
     stem: Literal["none", "whiten"]
+    whiten_bias_trainable: bool
     filters: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
     convs_per_block: int = Field(ge=1, le=8)
     pool_after: Literal["first", "last"]
@@ -124,7 +125,10 @@ class TrainCnnParams(Section):
     learning_rate: float = Field(gt=0, le=10)
     schedule: Literal["constant", "cosine", "one_cycle"]
     warmup_epochs: float = Field(ge=0)
+    schedule_start: float = Field(gt=0, le=1)
+    schedule_end: float = Field(ge=0, le=1)
     weight_decay: float = Field(ge=0, lt=1)
+    weight_decay_biases: bool
     ema_momentum: float = Field(ge=0, lt=1)
     ema_every: int = Field(ge=0)
     ema_ramp: float = Field(ge=0, le=10)
@@ -141,6 +145,13 @@ class TrainCnnParams(Section):
     def _warmup_within_training(self):
         if self.warmup_epochs >= self.epochs and self.schedule != "constant":
             raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must be less than epochs ({self.epochs})")
+        return self
+
+    @model_validator(mode="after")
+    def _whiten_bias_needs_the_stem(self):
+        if self.whiten_bias_trainable and self.stem != "whiten":
+            raise ValueError(f"whiten_bias_trainable trains the whitening stem's offsets: it needs stem: whiten,"
+                             f" not {self.stem}")
         return self
 
     @model_validator(mode="after")

@@ -284,35 +284,40 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, 
 
 
 class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear ramp from peak/25 to the peak over `warmup_steps`, then linear decay to 0 at `total_steps`.
+    """Linear ramp from peak x start to the peak over `warmup_steps`, then linear decay to peak x end at `total_steps`.
 
     A short ramp keeps early steps of a freshly initialised network stable; the
-    long linear decay to zero is what lets a few epochs converge.
+    long linear decay is what lets a few epochs converge. By default the ramp
+    starts at 1/25 of the peak and the decay ends at 0; airbench starts at 0.2
+    and ends at 0.07.
     """
 
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int):
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, start: float = 0.04, end: float = 0.0):
         self.peak = float(peak)
         self.warmup_steps = int(warmup_steps)
         self.total_steps = int(total_steps)
+        self.start = float(start)
+        self.end = float(end)
 
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
-        start = self.peak / 25.0
+        start, end = self.peak * self.start, self.peak * self.end
         warmup = max(self.warmup_steps, 1)
         rising = start + (self.peak - start) * step / warmup
-        falling = self.peak * (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
+        falling = end + (self.peak - end) * (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
         rate = keras.ops.where(step < self.warmup_steps, rising, falling)
-        return keras.ops.maximum(rate, 0.0)
+        return keras.ops.maximum(rate, end)
 
     def get_config(self):
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "start": self.start, "end": self.end}
 
 
 def learning_rate_schedule(learning_rate: float, schedule: str, epochs: int, steps_per_epoch: int,
-                           warmup_epochs: float = 0.0):
+                           warmup_epochs: float = 0.0, start: float = 0.04, end: float = 0.0):
     """The learning rate as a float ("constant") or a Keras schedule over all training steps.
 
-    "cosine": optional linear warm-up from peak/25, then cosine decay to 0;
+    "cosine": optional linear warm-up from peak x start, then cosine decay to peak x end;
     "one_cycle": see OneCycle.
     """
     total_steps = max(1, epochs * steps_per_epoch)
@@ -321,11 +326,11 @@ def learning_rate_schedule(learning_rate: float, schedule: str, epochs: int, ste
         return learning_rate
     if schedule == "cosine":
         if warmup_steps > 0:
-            return keras.optimizers.schedules.CosineDecay(learning_rate / 25.0, total_steps - warmup_steps,
+            return keras.optimizers.schedules.CosineDecay(learning_rate * start, total_steps - warmup_steps, alpha=end,
                                                           warmup_target=learning_rate, warmup_steps=warmup_steps)
-        return keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
+        return keras.optimizers.schedules.CosineDecay(learning_rate, total_steps, alpha=end)
     if schedule == "one_cycle":
-        return OneCycle(learning_rate, warmup_steps, total_steps)
+        return OneCycle(learning_rate, warmup_steps, total_steps, start, end)
     raise ValueError(f"schedule must be constant, cosine or one_cycle, got {schedule!r}")
 
 
@@ -403,20 +408,23 @@ class RampedSGD(RampedAverage, ScaledRates, keras.optimizers.SGD):
 
 def build_optimizer(name: str, learning_rate: float, schedule: str, epochs: int, steps_per_epoch: int,
                     warmup_epochs: float = 0.0, weight_decay: float = 0.0, rate_scales: dict[str, float] | None = None,
-                    ema_momentum: float = 0.0, ema_every: int = 0, ema_ramp: float = 0.0
+                    ema_momentum: float = 0.0, ema_every: int = 0, ema_ramp: float = 0.0,
+                    schedule_start: float = 0.04, schedule_end: float = 0.0, decay_biases: bool = False
                     ) -> keras.optimizers.Optimizer:
     """An optimizer ("adam" or "sgd" with Nesterov momentum 0.9) with a learning-rate schedule.
 
-    See learning_rate_schedule for the schedules. weight_decay is decoupled
-    (AdamW-style: each step shrinks kernels by rate x weight_decay) and spares
-    biases and batch-norm scales and offsets. rate_scales ({variable path:
+    See learning_rate_schedule for the schedules (schedule_start and schedule_end
+    are fractions of the peak). weight_decay is decoupled (AdamW-style: each
+    step shrinks kernels by rate x weight_decay) and spares batch-norm scales,
+    and also biases and batch-norm offsets unless decay_biases. rate_scales ({variable path:
     factor}) makes those variables learn faster or slower (ScaledRates).
     ema_momentum > 0 keeps Keras' moving average of the weights (use_ema),
     which train_phase validates and keeps; ema_every > 0 also resets the
     weights to it every that many steps; ema_ramp > 0 grows its momentum
     from 0 over training (RampedAverage).
     """
-    rate = learning_rate_schedule(learning_rate, schedule, epochs, steps_per_epoch, warmup_epochs)
+    rate = learning_rate_schedule(learning_rate, schedule, epochs, steps_per_epoch, warmup_epochs,
+                                  schedule_start, schedule_end)
     decay = weight_decay or None
     options = {"learning_rate": rate, "weight_decay": decay}
     if ema_momentum:
@@ -436,7 +444,7 @@ def build_optimizer(name: str, learning_rate: float, schedule: str, epochs: int,
     else:
         optimizer = classes[0](**options)
     if decay:
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        optimizer.exclude_from_weight_decay(var_names=["gamma"] if decay_biases else ["bias", "gamma", "beta"])
     return optimizer
 
 
