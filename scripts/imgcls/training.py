@@ -283,6 +283,10 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, 
     return {index: float(len(labels) / (num_classes * count)) for index, count in enumerate(counts)}
 
 
+# Where a warm-up starts, as a fraction of the peak learning rate, unless a trainer says otherwise.
+WARMUP_START = 1 / 25
+
+
 class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
     """Linear ramp from peak x start to the peak over `warmup_steps`, then linear decay to peak x end at `total_steps`.
 
@@ -292,7 +296,8 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
     and ends at 0.07.
     """
 
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int, start: float = 0.04, end: float = 0.0):
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, start: float = WARMUP_START,
+                 end: float = 0.0):
         self.peak = float(peak)
         self.warmup_steps = int(warmup_steps)
         self.total_steps = int(total_steps)
@@ -314,7 +319,7 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def learning_rate_schedule(learning_rate: float, schedule: str, epochs: int, steps_per_epoch: int,
-                           warmup_epochs: float = 0.0, start: float = 0.04, end: float = 0.0):
+                           warmup_epochs: float = 0.0, start: float = WARMUP_START, end: float = 0.0):
     """The learning rate as a float ("constant") or a Keras schedule over all training steps.
 
     "cosine": optional linear warm-up from peak x start, then cosine decay to peak x end;
@@ -409,7 +414,7 @@ class RampedSGD(RampedAverage, ScaledRates, keras.optimizers.SGD):
 def build_optimizer(name: str, learning_rate: float, schedule: str, epochs: int, steps_per_epoch: int,
                     warmup_epochs: float = 0.0, weight_decay: float = 0.0, rate_scales: dict[str, float] | None = None,
                     ema_momentum: float = 0.0, ema_every: int = 0, ema_ramp: float = 0.0,
-                    schedule_start: float = 0.04, schedule_end: float = 0.0, decay_biases: bool = False
+                    schedule_start: float = WARMUP_START, schedule_end: float = 0.0, decay_biases: bool = False
                     ) -> keras.optimizers.Optimizer:
     """An optimizer ("adam" or "sgd" with Nesterov momentum 0.9) with a learning-rate schedule.
 
