@@ -15,11 +15,16 @@ Keras' own variable lists, so it needs no knowledge of any layer.
 
 A rerun resumes only when the state was made from the same params, data,
 backend and devices (its fingerprint); any other state is deleted and the
-stage starts afresh. A stage that finishes deletes its state.
+stage starts afresh, and so does a state that cannot be read (moved aside to
+<stage>.npz.unreadable, with a warning). A stage that finishes deletes its state.
+On SIGTERM a stage exits at once (errors.run_stage): it loses the epoch in
+progress, and the state on disk is the last completed epoch's.
 """
 
 import hashlib
 import json
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +67,12 @@ class TrainingState:
             with np.load(self.path) as archive:
                 meta = json.loads(str(archive["meta"]))
                 arrays = {key: archive[key] for key in archive.files if key != "meta"}
-        except (OSError, ValueError, KeyError) as error:
-            print(f"checkpoint: {self.path} is unreadable ({error}); training from the start")
-            self.path.unlink()
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            # An empty or truncated file (a full disk, a copy cut short): keep it for a look, out of the way.
+            aside = self.path.with_name(self.path.name + ".unreadable")
+            self.path.replace(aside)
+            print(f"warning: checkpoint {self.path} is unreadable ({type(error).__name__}: {error}); moved it to"
+                  f" {aside} and training from the start", file=sys.stderr)
             return None
         if meta.get("fingerprint") != self.fingerprint:
             print(f"checkpoint: {self.path} was made with other params, data or devices; training from the start")
