@@ -207,74 +207,111 @@ def remove_stale(present: list[str]) -> None:
                     path.unlink()
 
 
-def main() -> None:
-    params = load_params()
-    section = params.evaluate
-    class_names = load_class_names()
+def models_to_score() -> list[str]:
+    """The names of the trained models in models/, in MODEL_NAMES order; stops when there is none."""
     names = [name for name in MODEL_NAMES if model_path(name).exists()]
     if not names:
         raise UserError("no trained model in models/: run `dvc repro train_cnn` (or `dvc repro` for every stage) first.")
+    return names
+
+
+def load_test_manifest() -> pd.DataFrame:
+    """The split manifest; stops when its test split is empty."""
     manifest = load_manifest()
     if not (manifest["split"] == "test").any():
         raise UserError("the test split is empty: check the split fractions in params.yaml and run `dvc repro split`.")
+    return manifest
 
-    device.choose_backend()
-    from imgcls.calibration import reliability
+
+def find_out_of_class_photos(ood_dir: str) -> list[Path]:
+    """The photos in evaluate.ood_dir, or none when it is "" (turned off)."""
+    from imgcls.predict import find_images
+
+    if not ood_dir:
+        return []
+    if not Path(ood_dir).is_dir():
+        raise UserError(f"evaluate.ood_dir = {ood_dir!r} is not a folder: point it at a folder of photos"
+                        " that belong to none of the classes, or set it to \"\" to turn this off.")
+    return [path for path, _ in find_images([ood_dir], [])]
+
+
+def read_test_split(name: str, model, params, manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The test photos' pixels and labels at the size `model` takes; stops if resize wrote no array of that size."""
+    # Each model reads the test photos at its own size (resize.image_size may list several).
+    size = model.input_shape[1]
+    if size not in params.resize.sizes:
+        raise UserError(
+            f"models/{name}.keras takes {size}x{size} images but resize.image_size is {params.resize.image_size}:"
+            f" retrain it with `dvc repro {PRODUCED_BY[name]}`."
+        )
+    pixels, labels, _ = load_split("test", size, manifest)
+    return pixels, labels
+
+
+def evaluate_model(name: str, params, manifest: pd.DataFrame, class_names: list[str],
+                   out_of_class: list[Path]) -> dict:
+    """Score models/<name>.keras on the test split, write its reports and print its scores; return its metrics."""
     from imgcls.modelio import load_model
-    from imgcls.predict import find_images, resolve_min_confidence
+    from imgcls.predict import resolve_min_confidence
     from imgcls.training import ImageBatches
 
-    out_of_class = []
-    if section.ood_dir:
-        if not Path(section.ood_dir).is_dir():
-            raise UserError(f"evaluate.ood_dir = {section.ood_dir!r} is not a folder: point it at a folder of photos"
-                            " that belong to none of the classes, or set it to \"\" to turn this off.")
-        out_of_class = [path for path, _ in find_images([section.ood_dir], [])]
+    section = params.evaluate
+    model, card = load_model(model_path(name))
+    pixels, labels = read_test_split(name, model, params, manifest)
+    probabilities = model.predict(ImageBatches(pixels, batch_size=section.batch_size), verbose=0)
+    metrics, per_class = score(labels, probabilities, class_names)
+    threshold = resolve_min_confidence(params.predict_new.min_confidence, card, model_path(name))
+    trust, before = trust_scores(labels, probabilities, float(card.get("temperature", 1.0)), threshold)
+    metrics |= trust
+    if out_of_class:
+        metrics |= out_of_class_scores(model, card, out_of_class, probabilities.max(axis=1), threshold,
+                                       section.batch_size)
+    write_reports(name, pixels, labels, probabilities, before, metrics, per_class, class_names, section.gallery_size)
+    print_scores(name, metrics, threshold, out_of_class=bool(out_of_class))
+    return metrics
 
-    results = {}
-    for name in names:
-        model, card = load_model(model_path(name))
-        # Each model reads the test photos at its own size (resize.image_size may list several).
-        size = model.input_shape[1]
-        if size not in params.resize.sizes:
-            raise UserError(
-                f"models/{name}.keras takes {size}x{size} images but resize.image_size is {params.resize.image_size}:"
-                f" retrain it with `dvc repro {PRODUCED_BY[name]}`."
-            )
-        pixels, labels, _ = load_split("test", size, manifest)
-        probabilities = model.predict(ImageBatches(pixels, batch_size=section.batch_size), verbose=0)
-        metrics, per_class = score(labels, probabilities, class_names)
-        threshold = resolve_min_confidence(params.predict_new.min_confidence, card, model_path(name))
-        trust, before = trust_scores(labels, probabilities, float(card.get("temperature", 1.0)), threshold)
-        metrics |= trust
-        if out_of_class:
-            metrics |= out_of_class_scores(model, card, out_of_class, probabilities.max(axis=1), threshold,
-                                           section.batch_size)
-        predicted = probabilities.argmax(axis=1)
-        results[name] = metrics
 
-        write_csv(CONFUSION_DIR / f"{name}.csv",
-                  pd.DataFrame({"actual": [class_names[i] for i in labels], "predicted": [class_names[i] for i in predicted]}))
-        write_csv(PER_CLASS_DIR / f"{name}.csv", per_class)
-        write_json(PER_CLASS_DIR / f"{name}.json", {row["class"]: {k: v for k, v in row.items() if k != "class"}
-                                                     for row in per_class.to_dict(orient="records")})
-        plot_confusion(FIGURES_DIR / f"{name}_confusion.png", labels, predicted, class_names,
-                       f"{name}: test accuracy {metrics['accuracy']:.1%} ({len(labels)} images)")
-        plot_misclassified(FIGURES_DIR / f"{name}_misclassified.png", pixels, labels, probabilities, class_names,
-                           section.gallery_size, f"{name}: most confident mistakes on the test split")
-        write_csv(CALIBRATION_DIR / f"{name}.csv", reliability(probabilities, labels))
-        plot_reliability(FIGURES_DIR / f"{name}_reliability.png", labels, before, probabilities, metrics,
-                         f"{name}: reliability on the test split ({len(labels)} images)")
-        print(f"evaluate {name}: accuracy {metrics['accuracy']:.4f}, top-3 {metrics['top3_accuracy']:.4f},"
-              f" macro F1 {metrics['macro_f1']:.4f}, log loss {metrics['log_loss']:.4f}")
-        selective = metrics["selective_accuracy"]
-        print(f"evaluate {name}: ECE {metrics['ece_before_temperature']:.4f} without temperature,"
-              f" {metrics['ece']:.4f} with {metrics['temperature']:g}; at min_confidence {threshold:.4f}"
-              f" it answers {metrics['coverage']:.1%} of the test photos, "
-              + (f"{selective:.2%} of them right" if selective is not None else "none")
-              + (f"; flags {metrics['ood_unknown_share']:.1%} of {metrics['ood_images']} out-of-class photos"
-                 f" unknown, AUROC {metrics['ood_auroc']:.4f}" if out_of_class else ""))
+def write_reports(name: str, pixels, labels, probabilities, before, metrics: dict, per_class: pd.DataFrame,
+                  class_names: list[str], gallery_size: int) -> None:
+    """One model's confusion, per-class and calibration tables, and its three figures."""
+    from imgcls.calibration import reliability
 
+    predicted = probabilities.argmax(axis=1)
+    write_csv(CONFUSION_DIR / f"{name}.csv",
+              pd.DataFrame({"actual": [class_names[i] for i in labels], "predicted": [class_names[i] for i in predicted]}))
+    write_csv(PER_CLASS_DIR / f"{name}.csv", per_class)
+    write_json(PER_CLASS_DIR / f"{name}.json", {row["class"]: {k: v for k, v in row.items() if k != "class"}
+                                                 for row in per_class.to_dict(orient="records")})
+    plot_confusion(FIGURES_DIR / f"{name}_confusion.png", labels, predicted, class_names,
+                   f"{name}: test accuracy {metrics['accuracy']:.1%} ({len(labels)} images)")
+    plot_misclassified(FIGURES_DIR / f"{name}_misclassified.png", pixels, labels, probabilities, class_names,
+                       gallery_size, f"{name}: most confident mistakes on the test split")
+    write_csv(CALIBRATION_DIR / f"{name}.csv", reliability(probabilities, labels))
+    plot_reliability(FIGURES_DIR / f"{name}_reliability.png", labels, before, probabilities, metrics,
+                     f"{name}: reliability on the test split ({len(labels)} images)")
+
+
+def print_scores(name: str, metrics: dict, threshold: float, out_of_class: bool) -> None:
+    """Two lines for one model: its headline scores, then how far its confidence can be trusted."""
+    print(f"evaluate {name}: accuracy {metrics['accuracy']:.4f}, top-3 {metrics['top3_accuracy']:.4f},"
+          f" macro F1 {metrics['macro_f1']:.4f}, log loss {metrics['log_loss']:.4f}")
+    selective = metrics["selective_accuracy"]
+    print(f"evaluate {name}: ECE {metrics['ece_before_temperature']:.4f} without temperature,"
+          f" {metrics['ece']:.4f} with {metrics['temperature']:g}; at min_confidence {threshold:.4f}"
+          f" it answers {metrics['coverage']:.1%} of the test photos, "
+          + (f"{selective:.2%} of them right" if selective is not None else "none")
+          + (f"; flags {metrics['ood_unknown_share']:.1%} of {metrics['ood_images']} out-of-class photos"
+             f" unknown, AUROC {metrics['ood_auroc']:.4f}" if out_of_class else ""))
+
+
+def main() -> None:
+    params = load_params()
+    class_names = load_class_names()
+    names = models_to_score()
+    manifest = load_test_manifest()
+    device.choose_backend()  # before anything imports Keras
+    out_of_class = find_out_of_class_photos(params.evaluate.ood_dir)
+    results = {name: evaluate_model(name, params, manifest, class_names, out_of_class) for name in names}
     remove_stale(names)
     write_json(REPORT_DIR / "metrics.json", results)
 

@@ -42,6 +42,8 @@ from imgcls.near_duplicates import hamming_distance, near_pairs, perceptual_hash
 from imgcls.params import load_params
 
 REPORT_DIR = REPORTS_DIR / "resize"
+# What _process tells about each file, in its order: why it is unusable ("" if usable), hashes, original size and mode.
+DETAIL_COLUMNS = ["reason", "sha256", "pixel_hash", "width", "height", "mode"]
 # Set once per worker process by _init_worker: decode_image's keyword arguments, and the output array of each size.
 _settings = {}
 _output = {}
@@ -166,65 +168,84 @@ def _keep_rows(path: Path, rows: np.ndarray) -> None:
     os.replace(compact_file, path)
 
 
-def main() -> None:
-    params = load_params().resize
-    files = _list_raw_files()
-    workers = params.workers or len(os.sched_getaffinity(0))
+def _decode_files(files: pd.DataFrame, outputs: dict[int, Path], params, workers: int) -> tuple[pd.DataFrame, float]:
+    """Decode every file into its row of each output array, in parallel.
+
+    Returns one row of details per file (DETAIL_COLUMNS; a reason when it is
+    unusable) and the seconds the decoding took.
+    """
+    for size, path in outputs.items():
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3)).flush()
     settings = {"aspect": params.aspect, "background": tuple(params.background), "max_pixels": params.max_pixels}
     tasks = [(position, RAW_DIR / path) for position, path in enumerate(files["path"])]
     details = [None] * len(files)
+    started = time.perf_counter()
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(settings, outputs)) as pool:
+        results = pool.imap_unordered(_process, tasks, chunksize=16)
+        for position, *detail in tqdm(results, total=len(tasks), desc="resize", unit="img", mininterval=2):
+            details[position] = detail
+    return pd.DataFrame(details), time.perf_counter() - started
 
-    with contextlib.ExitStack() as stack:
-        # One array per size, each written under a temporary name and moved into place only at the end.
-        outputs = {size: stack.enter_context(atomic_path(images_file(size))) for size in params.sizes}
-        for size, path in outputs.items():
-            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3)).flush()
-        started = time.perf_counter()
-        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(settings, outputs)) as pool:
-            results = pool.imap_unordered(_process, tasks, chunksize=16)
-            for position, *detail in tqdm(results, total=len(tasks), desc="resize", unit="img", mininterval=2):
-                details[position] = detail
-        decode_seconds = time.perf_counter() - started
-        files[["reason", "sha256", "pixel_hash", "width", "height", "mode"]] = pd.DataFrame(details)
 
-        skipped = files[files["reason"] != ""]
-        if len(skipped) and params.on_error == "fail":
-            examples = "\n".join(f"  {row.path}: {row.reason}" for row in skipped.head(10).itertuples())
-            raise UserError(
-                f"{len(skipped)} unusable file(s) in {RAW_DIR} (resize.on_error is 'fail'):\n{examples}\n"
-                "Remove or fix them in the source, or set resize.on_error: skip to leave them out."
-            )
-        usable = files[files["reason"] == ""]
-        empty = sorted(set(files["label"]) - set(usable["label"]))
-        if empty:
-            raise UserError(
-                f"no usable image left in class(es) {', '.join(empty)} (see {REPORT_DIR / 'skipped.csv'} for why):"
-                f" add readable images to {RAW_DIR}/<class>/ or remove the class folder."
-            )
-        write_csv(REPORT_DIR / "skipped.csv", skipped[["path", "label", "reason"]])
-        if len(skipped):
-            for path in outputs.values():
-                _keep_rows(path, usable.index.to_numpy())
+def _leave_out_unusable(files: pd.DataFrame, outputs: dict[int, Path], on_error: str
+                        ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(usable, skipped) files: skipped ones are listed in skipped.csv and their rows dropped from the arrays.
 
-        index = usable.drop(columns=["reason"]).reset_index(drop=True)
-        index.insert(0, "id", np.arange(len(index)))
-        index["conflicting_labels"] = _conflicting_labels(index)
-        _check_conflicting_labels(index, params.conflicting_labels)
-        # The perceptual hash of each image's smallest array: the same whatever other sizes are listed.
-        index["phash"] = perceptual_hashes(np.load(outputs[params.sizes[0]], mmap_mode="r"))
-        index["duplicate_group"] = _duplicate_groups(index, params.near_duplicate_distance)
-        index["duplicate_kind"] = _duplicate_kinds(index)
-        duplicates = _duplicates_report(index)
-        near = duplicates[duplicates["kind"] == "near-duplicate"]
-        # split leaves these rows out of every split.
-        index["left_out"] = np.where(index["conflicting_labels"] & (params.conflicting_labels == "drop"),
-                                     "conflicting labels", "")
-        # The hashes stay out of the index: split needs only the groups, and new pixels with the same
-        # groups then leave index.csv unchanged, so DVC skips split.
-        write_csv(INDEX_FILE, index.drop(columns=["pixel_hash", "phash", "conflicting_labels"]))
-        write_csv(REPORT_DIR / "duplicates.csv", duplicates)
+    Stops when resize.on_error is 'fail' and a file is unusable, or when a class has no usable image left.
+    """
+    skipped = files[files["reason"] != ""]
+    if len(skipped) and on_error == "fail":
+        examples = "\n".join(f"  {row.path}: {row.reason}" for row in skipped.head(10).itertuples())
+        raise UserError(
+            f"{len(skipped)} unusable file(s) in {RAW_DIR} (resize.on_error is 'fail'):\n{examples}\n"
+            "Remove or fix them in the source, or set resize.on_error: skip to leave them out."
+        )
+    usable = files[files["reason"] == ""]
+    empty = sorted(set(files["label"]) - set(usable["label"]))
+    if empty:
+        raise UserError(
+            f"no usable image left in class(es) {', '.join(empty)} (see {REPORT_DIR / 'skipped.csv'} for why):"
+            f" add readable images to {RAW_DIR}/<class>/ or remove the class folder."
+        )
+    write_csv(REPORT_DIR / "skipped.csv", skipped[["path", "label", "reason"]])
+    if len(skipped):
+        for path in outputs.values():
+            _keep_rows(path, usable.index.to_numpy())
+    return usable, skipped
 
-    metrics = {
+
+def _index_images(usable: pd.DataFrame, smallest: Path, params) -> pd.DataFrame:
+    """One row per usable image, numbered like the arrays, with its duplicate group and whether split leaves it out.
+
+    `smallest` is the array of the smallest size, whose perceptual hashes find the near-duplicates.
+    """
+    index = usable.drop(columns=["reason"]).reset_index(drop=True)
+    index.insert(0, "id", np.arange(len(index)))
+    index["conflicting_labels"] = _conflicting_labels(index)
+    _check_conflicting_labels(index, params.conflicting_labels)
+    # The perceptual hash of each image's smallest array: the same whatever other sizes are listed.
+    index["phash"] = perceptual_hashes(np.load(smallest, mmap_mode="r"))
+    index["duplicate_group"] = _duplicate_groups(index, params.near_duplicate_distance)
+    index["duplicate_kind"] = _duplicate_kinds(index)
+    # split leaves these rows out of every split.
+    index["left_out"] = np.where(index["conflicting_labels"] & (params.conflicting_labels == "drop"),
+                                 "conflicting labels", "")
+    return index
+
+
+def _write_index(index: pd.DataFrame, duplicates: pd.DataFrame) -> None:
+    """data/resized/index.csv for split, and the duplicate groups' report."""
+    # The hashes stay out of the index: split needs only the groups, and new pixels with the same
+    # groups then leave index.csv unchanged, so DVC skips split.
+    write_csv(INDEX_FILE, index.drop(columns=["pixel_hash", "phash", "conflicting_labels"]))
+    write_csv(REPORT_DIR / "duplicates.csv", duplicates)
+
+
+def _metrics(files: pd.DataFrame, index: pd.DataFrame, skipped: pd.DataFrame, duplicates: pd.DataFrame,
+             image_size) -> dict:
+    """reports/resize/metrics.json: how many files became images, and how many duplicates they hold."""
+    near = duplicates[duplicates["kind"] == "near-duplicate"]
+    return {
         "files": len(files),
         "images": len(index),
         "skipped": len(skipped),
@@ -235,16 +256,38 @@ def main() -> None:
         "near_duplicate_images": len(near),
         "conflicting_label_images": int(index["conflicting_labels"].sum()),
         "left_out_images": int((index["left_out"] != "").sum()),
-        "image_size": params.image_size,
+        "image_size": image_size,
     }
-    write_json(REPORT_DIR / "metrics.json", metrics)
-    print(f"resize: decoded {len(files)} files in {decode_seconds:.2f} s ({len(files) / decode_seconds:.0f} files/s,"
+
+
+def _print_summary(metrics: dict, decode_seconds: float, workers: int, params) -> None:
+    """Two lines: how fast the files were decoded, and what became of them."""
+    files = metrics["files"]
+    print(f"resize: decoded {files} files in {decode_seconds:.2f} s ({files / decode_seconds:.0f} files/s,"
           f" {workers} workers)")
     sizes = " and ".join(f"{size}" for size in params.sizes)
     print(f"resize: {metrics['images']} images at {sizes} px, {metrics['skipped']} skipped,"
           f" {metrics['duplicate_groups']} duplicate groups ({metrics['duplicate_images']} images), of which"
           f" {metrics['near_duplicate_groups']} near-duplicate groups ({metrics['near_duplicate_images']} images;"
           f" hash distance <= {params.near_duplicate_distance})")
+
+
+def main() -> None:
+    params = load_params().resize
+    files = _list_raw_files()
+    workers = params.workers or len(os.sched_getaffinity(0))
+    with contextlib.ExitStack() as stack:
+        # One array per size, each written under a temporary name and moved into place only at the end.
+        outputs = {size: stack.enter_context(atomic_path(images_file(size))) for size in params.sizes}
+        details, decode_seconds = _decode_files(files, outputs, params, workers)
+        files[DETAIL_COLUMNS] = details
+        usable, skipped = _leave_out_unusable(files, outputs, params.on_error)
+        index = _index_images(usable, outputs[params.sizes[0]], params)
+        duplicates = _duplicates_report(index)
+        _write_index(index, duplicates)
+    metrics = _metrics(files, index, skipped, duplicates, params.image_size)
+    write_json(REPORT_DIR / "metrics.json", metrics)
+    _print_summary(metrics, decode_seconds, workers, params)
 
 
 if __name__ == "__main__":

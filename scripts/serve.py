@@ -107,6 +107,7 @@ def bad_image_status(reason: str) -> int:
 
 
 def create_app(classifier: Classifier, max_upload_bytes: int) -> FastAPI:
+    """The API and its upload page around one loaded classifier; uploads over `max_upload_bytes` get a 413."""
     app = FastAPI(title="imgcls", summary=f"classifies photos into {len(classifier.class_names)} classes")
     batcher = Batcher(classifier, max_batch=classifier.batch_size)
     decoders = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
@@ -132,49 +133,7 @@ def create_app(classifier: Classifier, max_upload_bytes: int) -> FastAPI:
 
     @app.post("/predict")
     async def predict(request: Request):
-        limit = max_upload_bytes + MULTIPART_SLACK
-        declared = request.headers.get("content-length", "")
-        too_large = declared.isdigit() and int(declared) > limit
-        body, drained = bytearray(), 0
-        async for chunk in request.stream():
-            if too_large:
-                drained += len(chunk)
-                if drained > DRAIN_LIMIT:
-                    break
-                continue
-            body += chunk
-            too_large = len(body) > limit
-        if too_large:
-            return error(413, f"upload too large: the limit is {max_upload_bytes:,} bytes (serve.max_upload_bytes).")
-
-        content_type = request.headers.get("content-type", "")
-        filename = ""
-        if content_type.startswith("multipart/form-data"):
-            async def replay():
-                yield bytes(body)
-
-            try:
-                form = await MultiPartParser(request.headers, replay(), max_files=1, max_fields=20).parse()
-            except MultiPartException as exception:
-                return error(400, f"malformed multipart upload: {exception.message}")
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                await form.close()
-                return error(400, "no file: send the photo as the multipart form field 'file'"
-                                  " (e.g. curl -F file=@photo.jpg http://HOST:PORT/predict).")
-            data, filename = await upload.read(), upload.filename or ""
-            await form.close()
-            if not data and not filename:  # a browser form submitted without choosing a file
-                return error(400, "no file: choose a photo to upload.")
-        elif content_type.startswith(("image/", "application/octet-stream")):
-            data = bytes(body)
-        else:
-            return error(400, "no file: POST the photo as multipart/form-data field 'file',"
-                              " or as the raw bytes with an image/* Content-Type.")
-        if len(data) > max_upload_bytes:
-            return error(413, f"upload too large: {len(data):,} bytes, the limit is {max_upload_bytes:,}"
-                              " (serve.max_upload_bytes).")
-
+        data, filename = await read_upload(request, max_upload_bytes)
         # Decoding and inference block: off the event loop, so /health stays responsive meanwhile.
         try:
             pixels = await asyncio.get_running_loop().run_in_executor(decoders, classifier.decode, data)
@@ -184,6 +143,72 @@ def create_app(classifier: Classifier, max_upload_bytes: int) -> FastAPI:
         return {**prediction.as_json(), "model": classifier.name, "filename": filename}
 
     return app
+
+
+async def read_upload(request: Request, max_upload_bytes: int) -> tuple[bytes, str]:
+    """The uploaded photo's bytes and file name ("" when sent as raw bytes).
+
+    Anything else (too large, no file, a malformed form) raises an
+    HTTPException, which the app answers as a 4xx JSON error.
+    """
+    body = await read_body(request, max_upload_bytes)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        data, filename = await read_form_file(request, body)
+    elif content_type.startswith(("image/", "application/octet-stream")):
+        data, filename = bytes(body), ""
+    else:
+        raise HTTPException(400, "no file: POST the photo as multipart/form-data field 'file',"
+                                 " or as the raw bytes with an image/* Content-Type.")
+    if len(data) > max_upload_bytes:
+        raise HTTPException(413, f"upload too large: {len(data):,} bytes, the limit is {max_upload_bytes:,}"
+                                 " (serve.max_upload_bytes).")
+    return data, filename
+
+
+async def read_body(request: Request, max_upload_bytes: int) -> bytearray:
+    """The request's body, read as it streams in; a 413 HTTPException once it passes the limit.
+
+    The limit is `max_upload_bytes` plus room for the multipart framing. An
+    oversized body (declared or seen) is read on and thrown away, up to
+    DRAIN_LIMIT, before the answer.
+    """
+    limit = max_upload_bytes + MULTIPART_SLACK
+    declared = request.headers.get("content-length", "")
+    too_large = declared.isdigit() and int(declared) > limit
+    body, drained = bytearray(), 0
+    async for chunk in request.stream():
+        if too_large:
+            drained += len(chunk)
+            if drained > DRAIN_LIMIT:
+                break
+            continue
+        body += chunk
+        too_large = len(body) > limit
+    if too_large:
+        raise HTTPException(413, f"upload too large: the limit is {max_upload_bytes:,} bytes (serve.max_upload_bytes).")
+    return body
+
+
+async def read_form_file(request: Request, body: bytearray) -> tuple[bytes, str]:
+    """The bytes and file name of the multipart form field `file` in `body`; a 400 HTTPException without one."""
+    async def replay():
+        yield bytes(body)
+
+    try:
+        form = await MultiPartParser(request.headers, replay(), max_files=1, max_fields=20).parse()
+    except MultiPartException as exception:
+        raise HTTPException(400, f"malformed multipart upload: {exception.message}") from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        await form.close()
+        raise HTTPException(400, "no file: send the photo as the multipart form field 'file'"
+                                 " (e.g. curl -F file=@photo.jpg http://HOST:PORT/predict).")
+    data, filename = await upload.read(), upload.filename or ""
+    await form.close()
+    if not data and not filename:  # a browser form submitted without choosing a file
+        raise HTTPException(400, "no file: choose a photo to upload.")
+    return data, filename
 
 
 def from_environment(name: str, default, convert=str, low=None, high=None):

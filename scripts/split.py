@@ -56,22 +56,34 @@ def _carve(pool: pd.DataFrame, fractions: dict[str, float], holdout: int, seed: 
         # A per-class random stream keeps each class's split stable when another class changes.
         rng = np.random.default_rng([seed, zlib.crc32(str(class_name).encode())])
         order = sizes.index.to_numpy()[rng.permutation(len(sizes))]
-        # Held-out images are single photos (not duplicates), so none of them has a twin in training.
-        singles = [group for group in order if sizes[group] == 1][:holdout]
-        group_split.update(dict.fromkeys(singles, "holdout"))
-        order = np.array([group for group in order if group not in set(singles)])
-        total = int(sizes.sum()) - len(singles)
-        cursor = 0
-        for number, split in enumerate(carved):
-            target = max(1, round(total * fractions[split]))
-            reserve = len(carved) - number  # the later splits, train included, need one group each
-            filled = 0
-            while cursor < len(order) - reserve and (filled == 0 or filled < target):
-                group_split[order[cursor]] = split
-                filled += int(sizes[order[cursor]])
-                cursor += 1
-        group_split.update(dict.fromkeys(order[cursor:], "train"))
+        group_split.update(_split_class_groups(order, sizes, carved, fractions, holdout))
     return pool["group"].map(group_split)
+
+
+def _split_class_groups(order: np.ndarray, sizes: pd.Series, carved: list[str], fractions: dict[str, float],
+                        holdout: int) -> dict[int, str]:
+    """{group: split} for one class's groups, taken in the shuffled `order`; `sizes` holds each group's image count.
+
+    The first `holdout` single photos are held out; then each carved split
+    takes groups until it reaches its share (at least one group), leaving one
+    group for each later split; train gets the rest.
+    """
+    # Held-out images are single photos (not duplicates), so none of them has a twin in training.
+    singles = [group for group in order if sizes[group] == 1][:holdout]
+    group_split = dict.fromkeys(singles, "holdout")
+    order = np.array([group for group in order if group not in set(singles)])
+    total = int(sizes.sum()) - len(singles)
+    cursor = 0
+    for number, split in enumerate(carved):
+        target = max(1, round(total * fractions[split]))
+        reserve = len(carved) - number  # the later splits, train included, need one group each
+        filled = 0
+        while cursor < len(order) - reserve and (filled == 0 or filled < target):
+            group_split[order[cursor]] = split
+            filled += int(sizes[order[cursor]])
+            cursor += 1
+    group_split.update(dict.fromkeys(order[cursor:], "train"))
+    return group_split
 
 
 def _write_holdout(rows: pd.DataFrame) -> None:
@@ -86,35 +98,44 @@ def _write_holdout(rows: pd.DataFrame) -> None:
     building.rename(HOLDOUT_DIR)
 
 
-def main() -> None:
-    params = load_params()
+def _read_index() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(images to split, images resize marked as left out), each image with its `group`: its duplicates move with it."""
     # Class names and paths stay text even when they look like numbers (digits' classes are "0".."9").
     index = pd.read_csv(require(INDEX_FILE, "resize"), keep_default_na=False, dtype={"label": str, "path": str})
     left_out = index[index["left_out"] != ""]
     index = index[index["left_out"] == ""].copy()
     index["group"] = np.where(index["duplicate_group"] >= 0, index["duplicate_group"], index["id"])
+    return index, left_out
+
+
+def _assign_splits(index: pd.DataFrame, section) -> tuple[pd.Series, dict[str, str]]:
+    """Each image's split (train, val, test or holdout), and how each split came about.
+
+    Without predefined splits all three are carved in the proportions of
+    `section` (split.* in params.yaml); with them, the source's splits are kept
+    and only the missing ones are carved out of its train/.
+    """
     predefined = sorted(set(index["source_split"]) - {""})
-    wanted = {"train": params.split.train, "val": params.split.val, "test": params.split.test}
-
+    wanted = {"train": section.train, "val": section.val, "test": section.test}
     if not predefined:
-        how = dict.fromkeys(SPLITS, "carved")
-        pool, fractions = index, wanted
-    else:
-        if "train" not in predefined:
-            raise UserError(
-                f"the source has {', '.join(predefined)}/ folders but no train/ folder: add train/<class>/ images."
-            )
-        missing = [split for split in SPLITS if split not in predefined]
-        how = {split: "carved from train" if split in missing else "predefined" for split in SPLITS}
-        index["split"] = index["source_split"]
-        # Carve the missing splits out of train/ in the proportions params give them.
-        share = sum(wanted[split] for split in missing + ["train"])
-        fractions = {split: wanted[split] / share for split in missing + ["train"]}
-        pool = index[index["source_split"] == "train"]
-    index.loc[pool.index, "split"] = _carve(pool, fractions, params.split.holdout_per_class, params.split.seed)
+        return _carve(index, wanted, section.holdout_per_class, section.seed), dict.fromkeys(SPLITS, "carved")
+    if "train" not in predefined:
+        raise UserError(
+            f"the source has {', '.join(predefined)}/ folders but no train/ folder: add train/<class>/ images."
+        )
+    missing = [split for split in SPLITS if split not in predefined]
+    how = {split: "carved from train" if split in missing else "predefined" for split in SPLITS}
+    splits = index["source_split"].copy()
+    # Carve the missing splits out of train/ in the proportions params give them.
+    share = sum(wanted[split] for split in missing + ["train"])
+    fractions = {split: wanted[split] / share for split in missing + ["train"]}
+    pool = index[index["source_split"] == "train"]
+    splits.loc[pool.index] = _carve(pool, fractions, section.holdout_per_class, section.seed)
+    return splits, how
 
-    class_names = sorted(index["label"].unique())
-    index["label_index"] = index["label"].map({name: position for position, name in enumerate(class_names)})
+
+def _check_every_class_in_every_split(index: pd.DataFrame, class_names: list[str]) -> None:
+    """Stop, naming them, if some classes have no image in train, val or test."""
     missing_classes = [
         f"{name} ({split})" for split in SPLITS for name in class_names
         if not ((index["split"] == split) & (index["label"] == name)).any()
@@ -124,37 +145,65 @@ def main() -> None:
             f"these classes have no image in a split: {', '.join(missing_classes)};"
             " every class needs images in train, val and test: add images to the source's split folders."
         )
-    # Duplicates that a predefined split already put on both sides: reported, since they inflate test scores.
-    split_count = index[index["duplicate_group"] >= 0].groupby("group")["split"].nunique()
-    leaking = index[index["group"].isin(split_count[split_count > 1].index)]
 
-    manifest = index[["id", "path", "label", "label_index", "split"]]
+
+def _duplicates_across_splits(index: pd.DataFrame) -> pd.DataFrame:
+    """Duplicates that a predefined split already put on both sides: reported, since they inflate test scores."""
+    split_count = index[index["duplicate_group"] >= 0].groupby("group")["split"].nunique()
+    return index[index["group"].isin(split_count[split_count > 1].index)]
+
+
+def _write_split(index: pd.DataFrame, class_names: list[str], leaking: pd.DataFrame) -> None:
+    """The held-out photos, the manifest and classes.txt for the trainers, and the per-class counts and leaks."""
     counts = pd.crosstab(index["label"], index["split"]).reindex(columns=[*SPLITS, "holdout"], fill_value=0)
     counts["total"] = counts.sum(axis=1)
     _write_holdout(index[index["split"] == "holdout"])
-    write_csv(MANIFEST_FILE, manifest)
+    write_csv(MANIFEST_FILE, index[["id", "path", "label", "label_index", "split"]])
     with atomic_path(CLASSES_FILE) as temporary:
         temporary.write_text("\n".join(class_names) + "\n")
     write_csv(REPORT_DIR / "counts.csv", counts.reset_index().rename(columns={"label": "class"}))
     write_csv(REPORT_DIR / "duplicates_across_splits.csv",
               leaking[["id", "path", "label", "split", "duplicate_group", "duplicate_kind"]])
-    summary = {
+
+
+def _summary(index: pd.DataFrame, how: dict[str, str], classes: int, leaking: pd.DataFrame,
+             left_out: pd.DataFrame) -> dict:
+    """reports/split/summary.json: images per split and how each split came about, held out, left out, leaks."""
+    return {
         "splits": {split: {"images": int((index["split"] == split).sum()), "how": how[split]} for split in SPLITS},
         "holdout": int((index["split"] == "holdout").sum()),
-        "classes": len(class_names),
+        "classes": classes,
         "duplicate_images_across_splits": len(leaking),
         "near_duplicate_images_across_splits": int((leaking["duplicate_kind"] == "near-duplicate").sum()),
         "left_out_conflicting_labels": len(left_out),
     }
-    write_json(REPORT_DIR / "summary.json", summary)
-    if len(left_out):
-        print(f"split: left out {len(left_out)} images filed under more than one class (resize.conflicting_labels:"
-              " drop), in no split; see reports/resize/duplicates.csv")
+
+
+def _print_summary(summary: dict) -> None:
+    """The images per split, and a word on images left out or duplicated across splits."""
+    if summary["left_out_conflicting_labels"]:
+        print(f"split: left out {summary['left_out_conflicting_labels']} images filed under more than one class"
+              " (resize.conflicting_labels: drop), in no split; see reports/resize/duplicates.csv")
     print("split: " + ", ".join(f"{split} {value['images']} ({value['how']})" for split, value in summary["splits"].items()))
-    if len(leaking):
-        near = summary["near_duplicate_images_across_splits"]
-        print(f"warning: the source's own split puts {len(leaking)} duplicate images in more than one split"
+    if summary["duplicate_images_across_splits"]:
+        leaking, near = summary["duplicate_images_across_splits"], summary["near_duplicate_images_across_splits"]
+        print(f"warning: the source's own split puts {leaking} duplicate images in more than one split"
               f" ({near} of them near-duplicates); see {REPORT_DIR / 'duplicates_across_splits.csv'}")
+
+
+def main() -> None:
+    params = load_params()
+    index, left_out = _read_index()
+    splits, how = _assign_splits(index, params.split)
+    index["split"] = splits
+    class_names = sorted(index["label"].unique())
+    index["label_index"] = index["label"].map({name: position for position, name in enumerate(class_names)})
+    _check_every_class_in_every_split(index, class_names)
+    leaking = _duplicates_across_splits(index)
+    _write_split(index, class_names, leaking)
+    summary = _summary(index, how, len(class_names), leaking, left_out)
+    write_json(REPORT_DIR / "summary.json", summary)
+    _print_summary(summary)
 
 
 if __name__ == "__main__":

@@ -49,8 +49,23 @@ def build_cnn(num_classes: int, image_size: int, section, seed: int, train_image
     the whitening stem, whose filters come from their patch statistics.
     """
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
-    x = inputs
-    resize = None
+    x, resize = _resize_and_augment(inputs, image_size, section, seed)
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
+    size = section.input_size
+    if section.stem == "whiten":
+        if train_images is None:
+            raise ValueError("the whitening stem needs the training images to compute its filters")
+        x = _whitening_stem(x, _sample(train_images, seed), resize, section.activation, section.whiten_bias_trainable)
+        size -= WHITEN_KERNEL - 1
+    x = _convolution_blocks(x, size, section)
+    x = _pool_features(x, section.pooling)
+    x = _dense_layers(x, section, seed)
+    return keras.Model(inputs, _class_probabilities(x, num_classes, section.output_scale), name="cnn")
+
+
+def _resize_and_augment(inputs, image_size: int, section, seed: int):
+    """The images at section.input_size, randomly augmented in training, and the Resizing layer (None if unneeded)."""
+    x, resize = inputs, None
     if section.input_size != image_size:
         # Resizing first makes augmentation and every convolution work on the smaller image;
         # antialiasing keeps fine texture from aliasing when shrinking by 2x or more.
@@ -59,43 +74,55 @@ def build_cnn(num_classes: int, image_size: int, section, seed: int, train_image
     augment = augmentation(section.augment, seed)
     if any(not isinstance(layer, keras.layers.Identity) for layer in augment.layers):
         x = augment(x)
-    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
-    size = section.input_size
-    if section.stem == "whiten":
-        if train_images is None:
-            raise ValueError("the whitening stem needs the training images to compute its filters")
-        x = _whitening_stem(x, _sample(train_images, seed), resize, section.activation, section.whiten_bias_trainable)
-        size -= WHITEN_KERNEL - 1
+    return x, resize
+
+
+def _convolution_blocks(x, size: int, section):
+    """The blocks of section.filters: section.convs_per_block convolutions each, and one 2x2 max pooling.
+
+    `size` is the side of the feature maps coming in: a block on a 1x1 map cannot pool further.
+    """
     for block, filters in enumerate(section.filters, start=1):
         for number in range(1, section.convs_per_block + 1):
             pools_here = number == (1 if section.pool_after == "first" else section.convs_per_block)
             pool = None
-            if pools_here and size >= 2:  # a block on a 1x1 map cannot pool further
+            if pools_here and size >= 2:
                 pool = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")
                 size //= 2
             x = _convolution(x, filters, section, f"block{block}_", number, pool)
-    if section.pooling == "global_average":
-        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    elif section.pooling == "global_max":
-        x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
-    else:
-        x = keras.layers.Flatten(name="flatten")(x)
+    return x
+
+
+def _pool_features(x, pooling: str):
+    """The feature maps as one vector per image: their global average or maximum, or flattened."""
+    if pooling == "global_average":
+        return keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if pooling == "global_max":
+        return keras.layers.GlobalMaxPooling2D(name="pool")(x)
+    return keras.layers.Flatten(name="flatten")(x)
+
+
+def _dense_layers(x, section, seed: int):
+    """The hidden dense layers of section.dense_units, each after dropout, then dropout before the output."""
     for number, units in enumerate(section.dense_units, start=1):
         if section.dropout > 0:
             x = keras.layers.Dropout(section.dropout, seed=seed + 10 + number, name=f"dropout{number}")(x)
         x = keras.layers.Dense(units, activation=section.activation, name=f"dense{number}")(x)
     if section.dropout > 0:
         x = keras.layers.Dropout(section.dropout, seed=seed + 10, name="dropout")(x)
+    return x
+
+
+def _class_probabilities(x, num_classes: int, output_scale: float):
+    """The softmax output layer; its logits scaled by `output_scale` when that is below 1."""
     # float32 output keeps probabilities precise under mixed precision.
-    if section.output_scale == 1:
-        outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
-    else:
-        # Scaled-down logits slow the last layer relative to the batch-normalised ones below it,
-        # so the whole net can train at a high learning rate without the softmax saturating early.
-        x = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
-        x = keras.layers.Rescaling(section.output_scale, dtype="float32", name="logit_scale")(x)
-        outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="cnn")
+    if output_scale == 1:
+        return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    # Scaled-down logits slow the last layer relative to the batch-normalised ones below it,
+    # so the whole net can train at a high learning rate without the softmax saturating early.
+    x = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    x = keras.layers.Rescaling(output_scale, dtype="float32", name="logit_scale")(x)
+    return keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
 
 
 def with_test_time_augmentation(model: keras.Model, flip: bool, shift: bool) -> keras.Model:
@@ -209,6 +236,7 @@ def _whitening_stem(x, sample: np.ndarray, resize, activation: str, bias_trainab
 
 
 def _sample(images: np.ndarray, seed: int) -> np.ndarray:
+    """At most WHITEN_SAMPLE_IMAGES of `images`, picked with `seed`, in their order."""
     if len(images) <= WHITEN_SAMPLE_IMAGES:
         return np.asarray(images)
     picked = np.sort(np.random.default_rng(seed).choice(len(images), WHITEN_SAMPLE_IMAGES, replace=False))

@@ -19,6 +19,8 @@ compute-per-result literature; a pass over frozen layers that nothing below
 trains needs no backward pass and counts once.
 """
 
+from typing import NamedTuple
+
 import keras
 from keras.src.ops.function import make_node_key  # how a Functional names the calls (nodes) that belong to it
 
@@ -108,69 +110,108 @@ def cnn_flops(network, saved_model, train_images: int, val_images: int, epochs: 
     }
 
 
+class PassFlops(NamedTuple):
+    """Forward FLOPs per image of each part of the transfer model, split where fine-tuning starts."""
+
+    bottom: int  # the base's layers below fine_tune.unfreeze: frozen in both phases
+    top: int  # the base's layers from there up: trained in phase 2
+    head: int
+    whole: int  # the classifier as saved: base and head (test-time views included)
+
+
 def transfer_flops(section, base, head, classifier, log, train_images: int, val_images: int) -> dict:
     """train.json's FLOP figures for train_transfer: what each phase actually ran.
 
     The base is split where fine-tuning starts (`section.fine_tune.unfreeze`):
-    the bottom (frozen in both phases) and the top (trained in phase 2). Then:
-    - phase 1 on cached features: the base runs once forward over every
-      training and validation image (with phase 2 cached too, the bottom runs
-      once for each cached version and the top once more over the plain
-      images), then the head trains on the features: 3 x head per training
-      image per epoch;
-    - phase 1 on images (head augmentation on): every epoch runs the frozen
-      base forward and the head 3 times per training image;
-    - phase 2 on cached activations: the bottom ran once per cached version
-      (counted with the cache), and each epoch trains the top and the head:
-      3 x (top + head) per training image;
-    - phase 2 on images: every epoch runs the bottom forward and 3 x (top +
-      head) per training image.
-    Validation after each epoch runs, forward only, the part each epoch trains.
-    The epochs of each phase are read from `log` (its phases and rows), so
-    early stopping is accounted for.
+    the bottom (frozen in both phases) and the top (trained in phase 2). With
+    phase 2 on cached activations, the bottom first runs over every cached
+    version of the images (_cache_flops); then each phase costs what
+    _head_phase_flops and _fine_tune_phase_flops say. The epochs of each phase
+    are read from `log` (its phases and rows), so early stopping is accounted for.
     """
-    from imgcls.transfer import augmentation_is_off, first_trainable_layer
+    from imgcls.transfer import augmentation_is_off
 
     fine_tune = section.fine_tune.epochs > 0
+    flops = _pass_flops(section, base, head, classifier, fine_tune)
+    head_epochs, fine_tune_epochs = _phase_epochs(log)
+    cache_phase2 = fine_tune and section.fine_tune.cached_copies > 0
+    cache, cache_validation = (_cache_flops(flops, section.fine_tune, train_images, val_images) if cache_phase2
+                               else (0, 0))
+    head_training, head_validation = _head_phase_flops(flops, augmentation_is_off(section.head.augment), cache_phase2,
+                                                       train_images, val_images, head_epochs)
+    fine_tune_training, fine_tune_validation = (
+        _fine_tune_phase_flops(flops, cache_phase2, train_images, val_images, fine_tune_epochs) if fine_tune
+        else (0, 0))
+    return {
+        "forward_flops_per_image": flops.whole,
+        "training_flops": cache + head_training + fine_tune_training,
+        "training_flops_cache": cache,
+        "training_flops_head": head_training,
+        "training_flops_fine_tune": fine_tune_training,
+        "validation_flops": cache_validation + head_validation + fine_tune_validation,
+        "evaluation_flops_per_image": flops.whole,
+        "evaluation_flops": flops.whole * _test_images(),
+    }
+
+
+def _pass_flops(section, base, head, classifier, fine_tune: bool) -> PassFlops:
+    """The forward cost of each part; without fine-tuning the whole base is the bottom."""
+    from imgcls.transfer import first_trainable_layer
+
     first = first_trainable_layer(base, section.fine_tune.unfreeze) if fine_tune else len(base.layers)
     per_layer = [count for _, count in layer_flops(base)]
-    bottom, top, head_forward = sum(per_layer[:first]), sum(per_layer[first:]), forward_flops(head)
-    whole = forward_flops(classifier)
+    return PassFlops(bottom=sum(per_layer[:first]), top=sum(per_layer[first:]), head=forward_flops(head),
+                     whole=forward_flops(classifier))
+
+
+def _phase_epochs(log) -> tuple[int, int]:
+    """(head epochs, fine-tuning epochs) that `log` ran: 0 for a phase that did not run."""
     starts = [start for start, _ in log.phases] + [len(log.rows) + 1]
     epochs = [later - start for start, later in zip(starts, starts[1:])] + [0, 0]
-    head_epochs, fine_tune_epochs = epochs[0], epochs[1]
+    return epochs[0], epochs[1]
 
-    cache_phase2 = fine_tune and section.fine_tune.cached_copies > 0
-    versions = 1 + (section.fine_tune.cached_copies if not augmentation_is_off(section.fine_tune.augment) else 0)
-    training = validation = cache = 0
-    phases = {}
-    if cache_phase2:  # the bottom over every cached version of the training images, and the validation images
-        cache = bottom * train_images * versions
-        training += cache
-        validation += bottom * val_images
-    if augmentation_is_off(section.head.augment):
-        features = top if cache_phase2 else bottom + top
-        phase = features * train_images + TRAINING_PASSES * head_forward * train_images * head_epochs
-        validation += features * val_images + head_forward * val_images * head_epochs
-    else:
-        phase = (bottom + top + TRAINING_PASSES * head_forward) * train_images * head_epochs
-        validation += whole * val_images * head_epochs
-    phases["head"], training = phase, training + phase
-    if fine_tune:
-        trained = TRAINING_PASSES * (top + head_forward)
-        phase = (trained if cache_phase2 else bottom + trained) * train_images * fine_tune_epochs
-        validation += (top + head_forward if cache_phase2 else whole) * val_images * fine_tune_epochs
-        phases["fine_tune"], training = phase, training + phase
-    return {
-        "forward_flops_per_image": whole,
-        "training_flops": training,
-        "training_flops_cache": cache,
-        "training_flops_head": phases["head"],
-        "training_flops_fine_tune": phases.get("fine_tune", 0),
-        "validation_flops": validation,
-        "evaluation_flops_per_image": whole,
-        "evaluation_flops": whole * _test_images(),
-    }
+
+def _cache_flops(flops: PassFlops, fine_tune, train_images: int, val_images: int) -> tuple[int, int]:
+    """(training, validation) FLOPs of caching phase 2's inputs: the bottom over every cached version
+    of the training images (the plain one, and each augmented copy), and once over the validation images."""
+    from imgcls.transfer import augmentation_is_off
+
+    versions = 1 + (fine_tune.cached_copies if not augmentation_is_off(fine_tune.augment) else 0)
+    return flops.bottom * train_images * versions, flops.bottom * val_images
+
+
+def _head_phase_flops(flops: PassFlops, plain_images: bool, cache_phase2: bool, train_images: int, val_images: int,
+                      epochs: int) -> tuple[int, int]:
+    """(training, validation) FLOPs of phase 1, which trains the head.
+
+    On cached features (`plain_images`: no head augmentation), the base runs
+    once forward over every training and validation image (only the top, when
+    phase 2's cache already ran the bottom), then each epoch trains the head:
+    3 x head per training image, and runs it forward over the validation
+    images. On augmented images, every epoch runs the frozen base forward and
+    the head 3 times per training image, and the whole classifier forward over
+    the validation images.
+    """
+    if plain_images:
+        features = flops.top if cache_phase2 else flops.bottom + flops.top
+        training = features * train_images + TRAINING_PASSES * flops.head * train_images * epochs
+        return training, features * val_images + flops.head * val_images * epochs
+    training = (flops.bottom + flops.top + TRAINING_PASSES * flops.head) * train_images * epochs
+    return training, flops.whole * val_images * epochs
+
+
+def _fine_tune_phase_flops(flops: PassFlops, cache_phase2: bool, train_images: int, val_images: int,
+                           epochs: int) -> tuple[int, int]:
+    """(training, validation) FLOPs of phase 2, which trains the top and the head.
+
+    Each epoch trains the top and the head: 3 x (top + head) per training
+    image, after running the bottom forward over the images unless its
+    activations were cached. Validation runs forward what the epoch trains
+    (the whole classifier without the cache).
+    """
+    trained = TRAINING_PASSES * (flops.top + flops.head)
+    training = (trained if cache_phase2 else flops.bottom + trained) * train_images * epochs
+    return training, (flops.top + flops.head if cache_phase2 else flops.whole) * val_images * epochs
 
 
 def format_flops(flops: float) -> str:
