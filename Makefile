@@ -1,9 +1,13 @@
 # imgcls: `make run` runs the pipeline, `make test` the tests; both set up .venv first.
 #
-# On a machine where `nvidia-smi` lists a GPU, setup installs the GPU stack
-# (requirements-gpu.txt: JAX with CUDA) and the Keras stages train on every GPU
-# with KERAS_BACKEND=jax; elsewhere the CPU stack (requirements.txt, TensorFlow).
-# DEVICE=cpu or DEVICE=gpu forces one; `make env` prints the plan.
+# Setup picks what this machine can run, and `make env` prints the plan and why:
+#   Stack (scripts/imgcls/device.py), by the NVIDIA driver and GPUs that `nvidia-smi` reports:
+#     driver 580.65.06+, compute capability 7.5+: gpu-cuda13, requirements-gpu-cuda13.txt -c constraints-cuda13.txt
+#     driver 525.60.13+, compute capability 5.2+: gpu-cuda12, requirements-gpu-cuda12.txt -c constraints-cuda12.txt
+#     older, or no working nvidia-smi: cpu, requirements.txt (TensorFlow)
+#   The constraints pin every CUDA library, so two installs give the same stack.
+#   On a GPU stack the Keras stages train on every GPU with KERAS_BACKEND=jax, and stop with a
+#   message if JAX cannot use the GPU. DEVICE=cpu or DEVICE=gpu forces one.
 #
 # Offline, point KERAS_CACHE at a pre-seeded Keras cache (a folder with datasets/
 # and models/): its files are linked into a writable .keras-home/, which becomes
@@ -19,7 +23,7 @@ DEVICE ?= auto
 # The plan (scripts/imgcls/device.py) needs only the standard library, so it runs before any install.
 export IMGCLS_DEVICE := $(DEVICE)
 PLAN := PYTHONPATH=$(CURDIR)/scripts $(PYTHON) -m imgcls.device
-STACK := $(shell IMGCLS_DEVICE=$(DEVICE) $(PLAN) --device)
+STACK := $(shell IMGCLS_DEVICE=$(DEVICE) $(PLAN) --stack)
 
 # Stage commands in dvc.yaml say `python`: make it the project's interpreter.
 export PATH := $(BIN):$(PATH)
@@ -35,11 +39,13 @@ setup: $(VENV)/.installed-$(or $(STACK),unknown)
 $(VENV)/.installed-unknown:
 	@$(PLAN); exit 2
 
-# One stamp per stack: a venv set up for the CPU gets the GPU stack added when DEVICE=gpu asks for it.
-$(VENV)/.installed-%: requirements.txt requirements-gpu.txt requirements-serve.txt
+# One stamp per stack (cpu, gpu-cuda12, gpu-cuda13): a venv set up for the CPU gets a GPU stack added
+# when DEVICE=gpu asks for it.
+$(VENV)/.installed-%: requirements.txt requirements-serve.txt requirements-gpu-cuda12.txt \
+		requirements-gpu-cuda13.txt constraints-cuda12.txt constraints-cuda13.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r $$($(PLAN) --requirements)
+	$(BIN)/python -m pip install --quiet $$($(PLAN) --pip-arguments)
 	touch $@
 
 env:
