@@ -1,6 +1,9 @@
 # imgcls: `make run` runs the pipeline, `make test` the tests; both set up .venv first.
 #
 # Setup picks what this machine can run, and `make env` prints the plan and why:
+#   Python (scripts/venv.sh): the first of python3.13, python3.12, python3.11 and python3 that is
+#     3.11 or newer, or PYTHON=...; without one it says how to get one. A .venv left without pip
+#     (python3.X-venv missing) or made by an older Python is made again.
 #   Stack (scripts/imgcls/device.py), by the NVIDIA driver and GPUs that `nvidia-smi` reports:
 #     driver 580.65.06+, compute capability 7.5+: gpu-cuda13, requirements-gpu-cuda13.txt -c constraints-cuda13.txt
 #     driver 525.60.13+, compute capability 5.2+: gpu-cuda12, requirements-gpu-cuda12.txt -c constraints-cuda12.txt
@@ -14,15 +17,16 @@
 # KERAS_HOME, so the ordinary download code finds them already cached.
 #   make run KERAS_CACHE=/path/to/keras-cache
 
-PYTHON ?= python3
+PYTHON ?=
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 KERAS_CACHE ?=
 DEVICE ?= auto
 
-# The plan (scripts/imgcls/device.py) needs only the standard library, so it runs before any install.
+# The plan (scripts/imgcls/device.py) needs only the standard library, so it runs before any install,
+# with any python3.
 export IMGCLS_DEVICE := $(DEVICE)
-PLAN := PYTHONPATH=$(CURDIR)/scripts $(PYTHON) -m imgcls.device
+PLAN := PYTHONPATH=$(CURDIR)/scripts $(or $(PYTHON),python3) -m imgcls.device
 STACK := $(shell IMGCLS_DEVICE=$(DEVICE) $(PLAN) --stack)
 
 # Stage commands in dvc.yaml say `python`: make it the project's interpreter.
@@ -43,13 +47,14 @@ $(VENV)/.installed-unknown:
 # when DEVICE=gpu asks for it.
 $(VENV)/.installed-%: requirements.txt requirements-serve.txt requirements-gpu-cuda12.txt \
 		requirements-gpu-cuda13.txt constraints-cuda12.txt constraints-cuda13.txt
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	@PYTHON="$(PYTHON)" sh scripts/venv.sh $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $$($(PLAN) --pip-arguments)
 	touch $@
 
 env:
 	@$(PLAN)
+	@echo "python:        $$(PYTHON="$(PYTHON)" sh scripts/venv.sh --find 2>/dev/null || echo 'none of 3.11 or newer (make setup says how to get one)')"
 
 keras-home:
 ifneq ($(KERAS_CACHE),)

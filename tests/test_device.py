@@ -67,6 +67,7 @@ def test_without_a_gpu_make_env_plans_the_cpu_stack(tmp_path):
     assert "device:        cpu (nvidia-smi failed (exit 9: NVIDIA-SMI has failed: no driver)" in plan
     assert "install:       requirements.txt\n" in plan and "KERAS_BACKEND: tensorflow" in plan
     assert "AVX" in plan or "cores" in plan  # the CPU is named beside every timing
+    assert "python:        " in plan  # the Python that setup would make the venv with
 
 
 def test_a_driver_for_cuda_13_plans_the_cuda_13_stack_and_device_cpu_overrides_it(tmp_path):
