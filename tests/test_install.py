@@ -1,9 +1,11 @@
-"""What `make setup` starts from: a Python of at least 3.11 and a venv with pip (scripts/venv.sh).
+"""What `make setup` and the training image start from: a Python of at least 3.11, a venv with pip
+(scripts/venv.sh), and every requirements and constraints file the training image copies.
 
 No install runs here: a fake `python3` on PATH stands for an old system Python, and the venv that is
 made again is the real one a machine would get, without the project's packages.
 """
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +63,14 @@ def test_a_venv_left_without_pip_is_made_again_and_a_working_one_is_kept(tmp_pat
     kept = venv_script(str(venv), path=path, python=sys.executable)
     assert kept.returncode == 0 and kept.stderr == "" and (venv / ".installed-cpu").exists()
 
+
+def test_the_training_image_copies_files_that_exist_and_keeps_checkpoints_and_compiled_steps_in_volumes():
+    containerfile = (REPO / "Containerfile.train").read_text()
+    build = containerfile.split("\nARG BASE=")[1]  # what follows the comment at the top
+    copied = re.findall(r"\b((?:requirements|constraints)[\w-]*\.txt)\b", build.split("WORKDIR")[0])
+    assert {"requirements-gpu-cuda13.txt", "requirements-gpu-cuda12.txt", "constraints-cuda13.txt"} <= set(copied)
+    assert all((REPO / name).is_file() for name in copied), copied
+    volumes = re.search(r'VOLUME \[(.*)\]', build).group(1)
+    assert '"/app/.checkpoints"' in volumes and '"/app/.cache/jax"' in volumes
+    assert "-v ./.checkpoints:/app/.checkpoints -v ./.cache/jax:/app/.cache/jax" in containerfile  # the run line
+    assert "!constraints-*.txt" in (REPO / ".dockerignore").read_text().splitlines()
