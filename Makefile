@@ -1,25 +1,33 @@
 # imgcls: `make run` runs the pipeline, `make test` the tests; both set up .venv first.
 #
-# On a machine where `nvidia-smi` lists a GPU, setup installs the GPU stack
-# (requirements-gpu.txt: JAX with CUDA) and the Keras stages train on every GPU
-# with KERAS_BACKEND=jax; elsewhere the CPU stack (requirements.txt, TensorFlow).
-# DEVICE=cpu or DEVICE=gpu forces one; `make env` prints the plan.
+# Setup picks what this machine can run, and `make env` prints the plan and why:
+#   Python (scripts/venv.sh): the first of python3.13, python3.12, python3.11 and python3 that is
+#     3.11 or newer, or PYTHON=...; without one it says how to get one. A .venv left without pip
+#     (python3.X-venv missing) or made by an older Python is made again.
+#   Stack (scripts/imgcls/device.py), by the NVIDIA driver and GPUs that `nvidia-smi` reports:
+#     driver 580.65.06+, compute capability 7.5+: gpu-cuda13, requirements-gpu-cuda13.txt -c constraints-cuda13.txt
+#     driver 525.60.13+, compute capability 5.2+: gpu-cuda12, requirements-gpu-cuda12.txt -c constraints-cuda12.txt
+#     older, or no working nvidia-smi: cpu, requirements.txt (TensorFlow)
+#   The constraints pin every CUDA library, so two installs give the same stack.
+#   On a GPU stack the Keras stages train on every GPU with KERAS_BACKEND=jax, and stop with a
+#   message if JAX cannot use the GPU. DEVICE=cpu or DEVICE=gpu forces one.
 #
 # Offline, point KERAS_CACHE at a pre-seeded Keras cache (a folder with datasets/
 # and models/): its files are linked into a writable .keras-home/, which becomes
 # KERAS_HOME, so the ordinary download code finds them already cached.
 #   make run KERAS_CACHE=/path/to/keras-cache
 
-PYTHON ?= python3
+PYTHON ?=
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 KERAS_CACHE ?=
 DEVICE ?= auto
 
-# The plan (scripts/imgcls/device.py) needs only the standard library, so it runs before any install.
+# The plan (scripts/imgcls/device.py) needs only the standard library, so it runs before any install,
+# with any python3.
 export IMGCLS_DEVICE := $(DEVICE)
-PLAN := PYTHONPATH=$(CURDIR)/scripts $(PYTHON) -m imgcls.device
-STACK := $(shell IMGCLS_DEVICE=$(DEVICE) $(PLAN) --device)
+PLAN := PYTHONPATH=$(CURDIR)/scripts $(or $(PYTHON),python3) -m imgcls.device
+STACK := $(shell IMGCLS_DEVICE=$(DEVICE) $(PLAN) --stack)
 
 # Stage commands in dvc.yaml say `python`: make it the project's interpreter.
 export PATH := $(BIN):$(PATH)
@@ -35,15 +43,18 @@ setup: $(VENV)/.installed-$(or $(STACK),unknown)
 $(VENV)/.installed-unknown:
 	@$(PLAN); exit 2
 
-# One stamp per stack: a venv set up for the CPU gets the GPU stack added when DEVICE=gpu asks for it.
-$(VENV)/.installed-%: requirements.txt requirements-gpu.txt requirements-serve.txt
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+# One stamp per stack (cpu, gpu-cuda12, gpu-cuda13): a venv set up for the CPU gets a GPU stack added
+# when DEVICE=gpu asks for it.
+$(VENV)/.installed-%: requirements.txt requirements-serve.txt requirements-gpu-cuda12.txt \
+		requirements-gpu-cuda13.txt constraints-cuda12.txt constraints-cuda13.txt
+	@PYTHON="$(PYTHON)" sh scripts/venv.sh $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r $$($(PLAN) --requirements)
+	$(BIN)/python -m pip install --quiet $$($(PLAN) --pip-arguments)
 	touch $@
 
 env:
 	@$(PLAN)
+	@echo "python:        $$(PYTHON="$(PYTHON)" sh scripts/venv.sh --find 2>/dev/null || echo 'none of 3.11 or newer (make setup says how to get one)')"
 
 keras-home:
 ifneq ($(KERAS_CACHE),)

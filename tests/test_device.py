@@ -7,6 +7,7 @@ accelerators in data-parallel training.
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,11 +25,14 @@ FOUR_DEVICES = {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEV
 ONE_DEVICE = {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
 
 
-def fake_nvidia_smi(folder: Path, listing: str = "NVIDIA H200, 9.0", exit_code: int = 0) -> dict:
-    """An environment whose PATH starts with a `nvidia-smi` that prints `listing` (as --query-gpu does)."""
+def fake_nvidia_smi(folder: Path, listing: str = "NVIDIA H200, 9.0, 580.82.07", exit_code: int = 0,
+                    seconds: float = 0) -> dict:
+    """An environment whose PATH starts with a `nvidia-smi` that prints `listing` (as --query-gpu does for
+    name, compute_cap and driver_version), after hanging for `seconds` if asked to."""
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "nvidia-smi"
-    script.write_text(f"#!/bin/sh\nprintf '%s\\n' '{listing}'\nexit {exit_code}\n")
+    hang = f"exec sleep {seconds}\n" if seconds else ""
+    script.write_text(f"#!/bin/sh\n{hang}printf '%s\\n' {shlex.quote(listing)}\nexit {exit_code}\n")
     script.chmod(0o755)
     env = stage_env()
     env["PATH"] = f"{folder}{os.pathsep}{env['PATH']}"
@@ -43,35 +47,150 @@ def make_env(env: dict, *arguments: str) -> str:
     return result.stdout + result.stderr
 
 
+def plan_with(monkeypatch, tmp_path, listing: str = "", exit_code: int = 0, seconds: float = 0,
+              device: str = "auto") -> dict:
+    """device.plan() in this process, with a fake `nvidia-smi` first on PATH."""
+    from imgcls import device as device_module
+
+    env = fake_nvidia_smi(tmp_path / "bin", listing, exit_code, seconds)
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("IMGCLS_DEVICE", device)
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    return device_module.plan()
+
+
 # --- the install plan -----------------------------------------------------------------------------------------
 
 def test_without_a_gpu_make_env_plans_the_cpu_stack(tmp_path):
     env = fake_nvidia_smi(tmp_path / "bin", listing="NVIDIA-SMI has failed: no driver", exit_code=9)
     plan = make_env(env)
-    assert "device:        cpu (no working nvidia-smi" in plan
-    assert "install:       requirements.txt" in plan and "KERAS_BACKEND: tensorflow" in plan
+    assert "device:        cpu (nvidia-smi failed (exit 9: NVIDIA-SMI has failed: no driver)" in plan
+    assert "install:       requirements.txt\n" in plan and "KERAS_BACKEND: tensorflow" in plan
     assert "AVX" in plan or "cores" in plan  # the CPU is named beside every timing
+    assert "python:        " in plan  # the Python that setup would make the venv with
 
 
-def test_a_working_nvidia_smi_plans_the_gpu_stack_and_device_cpu_overrides_it(tmp_path):
-    env = fake_nvidia_smi(tmp_path / "bin", listing="NVIDIA H200, 9.0\nNVIDIA H200, 9.0")
+def test_a_driver_for_cuda_13_plans_the_cuda_13_stack_and_device_cpu_overrides_it(tmp_path):
+    env = fake_nvidia_smi(tmp_path / "bin", listing="NVIDIA H200, 9.0, 580.82.07\nNVIDIA H200, 9.0, 580.82.07")
     plan = make_env(env)
-    assert "device:        gpu (nvidia-smi lists 2 GPU(s)" in plan
-    assert "NVIDIA H200 (compute capability 9)" in plan
-    assert "install:       requirements-gpu.txt" in plan and "KERAS_BACKEND: jax" in plan
+    assert "device:        gpu (nvidia-smi lists 2 GPU(s); driver 580.82.07, compute capability 9: CUDA 13;" in plan
+    assert "NVIDIA H200 (compute capability 9)" in plan and "driver:        580.82.07" in plan
+    assert "install:       requirements-gpu-cuda13.txt with constraints-cuda13.txt" in plan
+    assert "KERAS_BACKEND: jax" in plan
     dry_run = subprocess.run(["make", "-n", "setup"], cwd=REPO, env=env, capture_output=True, text=True).stdout
-    assert ".installed-gpu" in dry_run or dry_run == ""  # up to date when this venv already has the GPU stack
-    assert "device:        cpu (IMGCLS_DEVICE=cpu)" in make_env(env, "DEVICE=cpu")
+    assert ".installed-gpu-cuda13" in dry_run or dry_run == ""  # up to date when this venv already has the stack
+    assert "device:        cpu (IMGCLS_DEVICE=cpu; nvidia-smi lists 2 GPU(s)" in make_env(env, "DEVICE=cpu")
     assert "must be one of auto, cpu, gpu" in make_env(env, "DEVICE=tpu")
-    assert "jax[cuda13]" in (REPO / "requirements-gpu.txt").read_text()
+
+
+@pytest.mark.parametrize("listing, stack", [
+    ("NVIDIA H200, 9.0, 580.82.07", "gpu-cuda13"),
+    ("NVIDIA H100 80GB HBM3, 9.0, 580.65.06", "gpu-cuda13"),  # exactly CUDA 13.0's minimum
+    ("NVIDIA L4, 8.9, 570.172.08", "gpu-cuda12"),
+    ("NVIDIA A100-SXM4-80GB, 8.0, 550.54.15", "gpu-cuda12"),
+    ("Tesla T4, 7.5, 525.60.13", "gpu-cuda12"),  # exactly CUDA 12.0's minimum
+    ("Tesla V100-SXM2-16GB, 7.0, 580.82.07", "gpu-cuda12"),  # CUDA 13 dropped GPUs older than 7.5
+    ("NVIDIA H200, 9.0, 580.82.07\nTesla V100-SXM2-16GB, 7.0, 580.82.07", "gpu-cuda12"),  # the oldest GPU decides
+])
+def test_the_driver_and_the_gpus_pick_the_newest_cuda_they_run(monkeypatch, tmp_path, listing, stack):
+    from imgcls.device import pip_arguments
+
+    plan = plan_with(monkeypatch, tmp_path, listing)
+    assert plan["device"] == "gpu" and plan["stack"] == stack and plan["keras_backend"] == "jax"
+    major = stack[-2:]
+    assert pip_arguments(plan) == f"-r requirements-gpu-cuda{major}.txt -c constraints-cuda{major}.txt"
+    if stack == "gpu-cuda12":
+        assert "CUDA 13 needs driver 580.65.06 and compute capability 7.5 or newer" in plan["reason"]
+
+
+def test_a_driver_too_old_for_cuda_12_plans_the_cpu_and_names_the_versions(monkeypatch, tmp_path):
+    from imgcls.device import pip_arguments
+
+    for driver in ("470.82.01", "525.60.11"):
+        plan = plan_with(monkeypatch, tmp_path, f"Tesla T4, 7.5, {driver}")
+        assert plan["device"] == "cpu" and plan["stack"] == "cpu" and pip_arguments(plan) == "-r requirements.txt"
+        assert f"driver {driver}, compute capability 7.5: too old for JAX's CUDA wheels" in plan["reason"]
+        assert "CUDA 12 needs driver 525.60.13" in plan["reason"] and "update the NVIDIA driver" in plan["reason"]
+    forced = plan_with(monkeypatch, tmp_path, "Tesla T4, 7.5, 470.82.01", device="gpu")
+    assert forced["stack"] == "gpu-cuda12" and "too old" in forced["reason"]  # forced: JAX will say what fails
+
+
+@pytest.mark.parametrize("listing, exit_code, seconds, reason", [
+    ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.", 9, 0,
+     "nvidia-smi failed (exit 9: NVIDIA-SMI has failed because"),
+    ("Segmentation fault", 0, 0, "nvidia-smi lists no GPU that can be read (Segmentation fault)"),
+    ("NVIDIA H200, [N/A], 580.82.07", 0, 0, "nvidia-smi lists no GPU that can be read"),
+    ("NVIDIA H200, 9.0, 580.82.07", 0, 30, "nvidia-smi did not answer within 0.5 s"),
+])
+def test_a_failing_nvidia_smi_plans_the_cpu_with_the_reason(monkeypatch, tmp_path, listing, exit_code, seconds,
+                                                             reason):
+    from imgcls import device
+
+    monkeypatch.setattr(device, "NVIDIA_SMI_SECONDS", 0.5)
+    plan = plan_with(monkeypatch, tmp_path, listing, exit_code, seconds)
+    assert plan["device"] == "cpu" and plan["stack"] == "cpu" and plan["gpus"] == []
+    assert reason in plan["reason"]
+    assert plan_with(monkeypatch, tmp_path, listing, exit_code, seconds, device="gpu")["stack"] == "gpu-cuda13"
+
+
+def test_each_gpu_stack_pins_jax_and_every_cuda_library_it_installs():
+    from imgcls.device import CONSTRAINTS, REQUIREMENTS
+
+    jax_pin = next(line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("jax=="))
+    for stack, constraints in CONSTRAINTS.items():
+        major = stack[-2:]
+        requirements = (REPO / REQUIREMENTS[stack]).read_text()
+        assert "-r requirements.txt" in requirements and f"jax[cuda{major}]=={jax_pin[5:]}" in requirements
+        pins = [line for line in (REPO / constraints).read_text().splitlines() if line and not line.startswith("#")]
+        assert all("==" in pin for pin in pins), pins
+        names = {pin.split("==")[0] for pin in pins}
+        assert {f"jax-cuda{major}-plugin=={jax_pin[5:]}", f"jax-cuda{major}-pjrt=={jax_pin[5:]}"} <= set(pins)
+        assert {"nvidia-cudnn-cu" + major, "nvidia-nccl-cu" + major} <= names  # cuDNN and NCCL, among others
 
 
 def test_on_the_gpu_plan_without_jax_cuda_a_stage_says_what_to_do(prepared, tmp_path):
     env = fake_nvidia_smi(tmp_path / "bin")
     result = prepared.run(sys.executable, "scripts/train_cnn.py", check=False, env=env)
     assert result.returncode == 2, result.stderr
-    assert "JAX's CUDA plugin is not installed: run `make setup`" in result.stderr
+    assert "JAX's CUDA plugin is not installed: run `make setup` (it installs requirements-gpu-cuda13.txt" \
+        in result.stderr
     assert "IMGCLS_DEVICE=cpu" in result.stderr
+
+
+GPU_PLAN_ON_JAX = """
+import os, sys
+sys.path.insert(0, "scripts")
+import keras
+from imgcls import device
+
+for platforms in sys.argv[1:]:
+    os.environ["JAX_PLATFORMS"] = platforms
+    try:
+        print(f"JAX_PLATFORMS={platforms}: {device.distribute('none', {})} replica")
+    except device.DeviceError as error:
+        print(f"JAX_PLATFORMS={platforms}: DeviceError: {error}")
+"""
+
+
+def _distribute_on_the_gpu_plan(tmp_path, *platforms: str) -> str:
+    # The plan says GPU (a fake nvidia-smi with driver 580.82.07), but this JAX has only its CPU.
+    env = {**fake_nvidia_smi(tmp_path / "bin"), "KERAS_BACKEND": "jax", "JAX_PLATFORMS": platforms[0]}
+    result = subprocess.run([sys.executable, "-c", GPU_PLAN_ON_JAX, *platforms], cwd=REPO, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_on_the_gpu_plan_a_trainer_stops_when_jax_falls_back_to_the_cpu(tmp_path):
+    output = _distribute_on_the_gpu_plan(tmp_path, "", "cpu")
+    fell_back, chosen = output.splitlines()
+    assert fell_back.startswith("JAX_PLATFORMS=: DeviceError: this machine is planned to train on the GPU"
+                                " (gpu-cuda13, NVIDIA driver 580.82.07), but JAX fell back to the CPU: ")
+    assert "`make run DEVICE=cpu` (IMGCLS_DEVICE=cpu for one script)" in fell_back
+    assert chosen == "JAX_PLATFORMS=cpu: 1 replica"  # the CPU asked for by name is a choice, and is kept
+    could_not_start = _distribute_on_the_gpu_plan(tmp_path, "cuda")  # JAX raises instead of falling back
+    assert "DeviceError: this machine is planned to train on the GPU (gpu-cuda13, NVIDIA driver 580.82.07)," \
+           " but JAX could not start: " in could_not_start and "DEVICE=cpu" in could_not_start
 
 
 def test_mixed_precision_auto_is_bfloat16_only_on_ampere_or_newer_gpus():

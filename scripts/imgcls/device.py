@@ -1,20 +1,27 @@
 """Where and how the Keras stages run: device, backend, precision and distribution, decided here only.
 
-The plan (stdlib only, so `make` can ask it before any package is installed):
-    IMGCLS_DEVICE=auto (default): the GPU stack when `nvidia-smi` lists a GPU, else the CPU.
+The plan (stdlib only, so `make` can ask it before any package is installed, with any python3):
+    IMGCLS_DEVICE=auto (default): by the NVIDIA driver and the GPUs that `nvidia-smi` reports,
+        gpu-cuda13 (driver 580.65.06+, compute capability 7.5+): requirements-gpu-cuda13.txt, constraints-cuda13.txt;
+        gpu-cuda12 (driver 525.60.13+, compute capability 5.2+): requirements-gpu-cuda12.txt, constraints-cuda12.txt;
+        cpu (older, or no working nvidia-smi): requirements.txt, and the plan says why.
     IMGCLS_DEVICE=cpu or gpu forces one (`make run DEVICE=cpu` sets it).
-    GPU: requirements-gpu.txt (JAX with CUDA from pip) and KERAS_BACKEND=jax.
-    CPU: requirements.txt and KERAS_BACKEND=tensorflow, measured faster than JAX
-         for both trainers on the CPUs tried (README, "Choosing the backend").
-A user's own KERAS_BACKEND always wins.
+    GPU: JAX with CUDA from pip (the constraints pin every CUDA library) and KERAS_BACKEND=jax.
+    CPU: KERAS_BACKEND=tensorflow, measured faster than JAX for both trainers on the CPUs
+         tried (README, "Choosing the backend").
+A user's own KERAS_BACKEND always wins, and so does a JAX_PLATFORMS without the GPU.
 
-    PYTHONPATH=scripts python3 -m imgcls.device                 # prints the plan (`make env`)
-    PYTHONPATH=scripts python3 -m imgcls.device --requirements  # the file `make setup` installs
+    PYTHONPATH=scripts python3 -m imgcls.device                  # prints the plan and why (`make env`)
+    PYTHONPATH=scripts python3 -m imgcls.device --stack          # cpu, gpu-cuda12 or gpu-cuda13
+    PYTHONPATH=scripts python3 -m imgcls.device --pip-arguments  # what `make setup` installs
 
 Each Keras stage calls `choose_backend()` before Keras is imported; the
-trainers then call `resolve_precision`, `distribute` and `describe` (which
-need Keras and the backend's view of the devices).
+trainers then call `distribute` (which first checks that JAX really runs on
+the GPU the plan chose), `resolve_precision` and `describe` (which need Keras
+and the backend's view of the devices).
 """
+
+from __future__ import annotations  # the plan runs on whatever python3 a machine has, 3.8 included
 
 import os
 import shutil
@@ -26,8 +33,18 @@ from imgcls.errors import UserError
 
 DEVICE_VARIABLE = "IMGCLS_DEVICE"
 DEVICE_CHOICES = ("auto", "cpu", "gpu")
-REQUIREMENTS = {"cpu": "requirements.txt", "gpu": "requirements-gpu.txt"}
+# What each CUDA major version's wheels need, newest CUDA first: (stack, oldest NVIDIA driver on
+# Linux, oldest compute capability). Drivers: NVIDIA's CUDA Toolkit release notes ("CUDA Toolkit and
+# Corresponding Driver Versions": 580.65.06 for CUDA 13.0 GA, 525.60.13 for CUDA 12.0 GA, the floor
+# of CUDA 12.x's minor version compatibility) and JAX's installation guide ("the driver version must
+# be >= 525 for CUDA 12 on Linux, and >= 580 for CUDA 13"); the same guide gives the GPUs: SM 7.5
+# or newer on CUDA 13 (NVIDIA dropped the older ones), 5.2 on CUDA 12.
+CUDA_STACKS = (("gpu-cuda13", "580.65.06", 7.5), ("gpu-cuda12", "525.60.13", 5.2))
+REQUIREMENTS = {"cpu": "requirements.txt", "gpu-cuda12": "requirements-gpu-cuda12.txt",
+                "gpu-cuda13": "requirements-gpu-cuda13.txt"}
+CONSTRAINTS = {"gpu-cuda12": "constraints-cuda12.txt", "gpu-cuda13": "constraints-cuda13.txt"}
 BACKENDS = {"cpu": "tensorflow", "gpu": "jax"}
+NVIDIA_SMI_SECONDS = 30  # a hung driver makes nvidia-smi wait forever
 # JAX keeps compiled programs here, so a second run of a stage does not compile its steps again.
 COMPILATION_CACHE = Path(".cache/jax")
 # The most of an accelerator's free memory a training set may keep for itself (fits_on_device):
@@ -42,44 +59,87 @@ class DeviceError(UserError):
     """A device setting that cannot work here; the message says what to do."""
 
 
-def nvidia_gpus() -> list[dict]:
-    """The GPUs a working `nvidia-smi` lists: [{"name": ..., "compute_capability": 9.0}], or []."""
+def nvidia_smi() -> tuple[list[dict], str]:
+    """The GPUs a working `nvidia-smi` lists, [{"name", "compute_capability": 9.0, "driver": "580.82.07"}],
+    and, when it lists none, why: no nvidia-smi, a failure, a timeout, or output that is not a listing."""
     if shutil.which("nvidia-smi") is None:
-        return []
+        return [], "no nvidia-smi on PATH"
     try:
-        listing = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
+        listing = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=NVIDIA_SMI_SECONDS)
+    except subprocess.TimeoutExpired:
+        return [], f"nvidia-smi did not answer within {NVIDIA_SMI_SECONDS} s"
+    except OSError as error:
+        return [], f"nvidia-smi could not run ({error})"
+    said = (listing.stdout.strip() or listing.stderr.strip() or "no output").splitlines()[0][:200]
     if listing.returncode != 0:  # installed but no driver or no device: not a usable GPU
-        return []
+        return [], f"nvidia-smi failed (exit {listing.returncode}: {said})"
     gpus = []
     for line in listing.stdout.strip().splitlines():
-        name, _, capability = line.rpartition(",")
-        try:
-            gpus.append({"name": name.strip(), "compute_capability": float(capability)})
-        except ValueError:
-            continue
-    return gpus
+        fields = [field.strip() for field in line.rsplit(",", 2)]  # a name may hold a comma, the numbers do not
+        if len(fields) == 3 and fields[1].replace(".", "", 1).isdigit() and driver_version(fields[2]):
+            gpus.append({"name": fields[0], "compute_capability": float(fields[1]), "driver": fields[2]})
+    return gpus, "" if gpus else f"nvidia-smi lists no GPU that can be read ({said})"
+
+
+def nvidia_gpus() -> list[dict]:
+    """The GPUs a working `nvidia-smi` lists (nvidia_smi), or []."""
+    return nvidia_smi()[0]
+
+
+def driver_version(text: str) -> tuple[int, ...] | None:
+    """(580, 82, 7) for "580.82.07"; None for anything that is not a version."""
+    parts = text.strip().split(".")
+    return tuple(int(part) for part in parts) if all(part.isdigit() for part in parts) else None
+
+
+def _needs(stack: str, driver: str, capability: float) -> str:
+    return f"CUDA {stack[-2:]} needs driver {driver} and compute capability {capability:g} or newer"
+
+
+def cuda_stack(driver: str, capability: float) -> tuple[str, str]:
+    """The stack for a driver version and the GPUs' (lowest) compute capability, and why: the newest CUDA both run."""
+    found = f"driver {driver}, compute capability {capability:g}"
+    for stack, oldest_driver, oldest_capability in CUDA_STACKS:
+        if driver_version(driver) >= driver_version(oldest_driver) and capability >= oldest_capability:
+            why = f"{found}: CUDA {stack[-2:]}"
+            return stack, why if stack == CUDA_STACKS[0][0] else f"{why}, as {_needs(*CUDA_STACKS[0])}"
+    advice = "; update the NVIDIA driver to train on the GPU" if capability >= CUDA_STACKS[-1][2] else ""
+    return "cpu", f"{found}: too old for JAX's CUDA wheels ({', '.join(_needs(*s) for s in CUDA_STACKS)}){advice}"
 
 
 def plan() -> dict:
-    """Which stack this machine gets: {"device", "gpus", "requirements", "keras_backend", "reason"}."""
+    """Which stack this machine gets and why:
+    {"device", "stack", "gpus", "driver", "requirements", "constraints", "keras_backend", "reason"}."""
     requested = os.environ.get(DEVICE_VARIABLE, "auto") or "auto"
     if requested not in DEVICE_CHOICES:
         raise DeviceError(f"{DEVICE_VARIABLE}={requested!r}: must be one of {', '.join(DEVICE_CHOICES)}"
                           " (e.g. `make run DEVICE=cpu`)")
-    gpus = nvidia_gpus()
+    gpus, problem = nvidia_smi()
+    driver = gpus[0]["driver"] if gpus else None
+    capability = min((gpu["compute_capability"] for gpu in gpus), default=0.0)
+    stack, found = cuda_stack(driver, capability) if gpus else ("cpu", problem)
+    if gpus:
+        found = f"nvidia-smi lists {len(gpus)} GPU(s); {found}"
     if requested == "auto":
-        device = "gpu" if gpus else "cpu"
-        reason = (f"nvidia-smi lists {len(gpus)} GPU(s)" if gpus else "no working nvidia-smi") + f"; {DEVICE_VARIABLE}=auto"
+        reason = f"{found}; {DEVICE_VARIABLE}=auto"
     else:
-        device, reason = requested, f"{DEVICE_VARIABLE}={requested}"
+        reason = f"{DEVICE_VARIABLE}={requested}; {found}"
+        if requested == "cpu":
+            stack = "cpu"
+        elif stack == "cpu":  # GPU forced: CUDA 12 for a driver too old for either (JAX will say so), else the newest
+            stack = "gpu-cuda12" if driver else CUDA_STACKS[0][0]
+    device = "cpu" if stack == "cpu" else "gpu"
     backend = os.environ.get("KERAS_BACKEND") or BACKENDS[device]
     if os.environ.get("KERAS_BACKEND"):
         reason += f"; KERAS_BACKEND={backend} set by the user"
-    return {"device": device, "gpus": gpus, "requirements": REQUIREMENTS[device], "keras_backend": backend,
-            "reason": reason}
+    return {"device": device, "stack": stack, "gpus": gpus, "driver": driver, "requirements": REQUIREMENTS[stack],
+            "constraints": CONSTRAINTS.get(stack), "keras_backend": backend, "reason": reason}
+
+
+def pip_arguments(chosen: dict) -> str:
+    """What `make setup` hands `pip install` for a plan: "-r requirements-gpu-cuda13.txt -c constraints-cuda13.txt"."""
+    return f"-r {chosen['requirements']}" + (f" -c {chosen['constraints']}" if chosen["constraints"] else "")
 
 
 def choose_backend(required: str | None = None) -> str:
@@ -94,9 +154,9 @@ def choose_backend(required: str | None = None) -> str:
         return required
     chosen = plan()
     backend = chosen["keras_backend"]
-    if chosen["device"] == "gpu" and backend == "jax" and not _jax_cuda_installed():
-        raise DeviceError("this machine has a GPU but JAX's CUDA plugin is not installed: run `make setup`"
-                          " (it installs requirements-gpu.txt here), or set IMGCLS_DEVICE=cpu to train on the CPU.")
+    if chosen["device"] == "gpu" and backend == "jax" and not _jax_cuda_plugins():
+        raise DeviceError("this machine has a GPU but JAX's CUDA plugin is not installed: run `make setup` (it"
+                          f" installs {chosen['requirements']} here), or set IMGCLS_DEVICE=cpu to train on the CPU.")
     os.environ["KERAS_BACKEND"] = backend
     if backend == "jax":
         COMPILATION_CACHE.mkdir(parents=True, exist_ok=True)
@@ -106,10 +166,11 @@ def choose_backend(required: str | None = None) -> str:
     return backend
 
 
-def _jax_cuda_installed() -> bool:
+def _jax_cuda_plugins() -> list[str]:
+    """The CUDA major versions of JAX's CUDA plugins installed here: ["13"], ["12"] or []."""
     import importlib.util
 
-    return any(importlib.util.find_spec(name) is not None for name in ("jax_cuda13_plugin", "jax_cuda12_plugin"))
+    return [major for major in ("13", "12") if importlib.util.find_spec(f"jax_cuda{major}_plugin") is not None]
 
 
 # ----- From here on Keras is imported: the trainers call these once the backend is chosen. -----
@@ -175,15 +236,19 @@ def distribute(setting: str, batch_sizes: dict[str, int]) -> int:
     values), rather than as a sharding error inside the first step. With Keras'
     multi-host variables set, keras.distribution.initialize() first joins the
     processes of every host, and each process feeds its own slice of each batch.
+    On the GPU plan it then checks that JAX runs on the GPU (check_accelerator).
     """
     if setting not in ("auto", "none"):
         raise DeviceError(f"distribution must be auto or none, got {setting!r}")
     import keras
 
-    if setting == "none" or keras.backend.backend() != "jax":
+    if keras.backend.backend() != "jax":
         return 1
-    if _multi_host():
+    if setting == "auto" and _multi_host():
         keras.distribution.initialize()
+    check_accelerator()  # after joining the other hosts: that must come before anything touches the devices
+    if setting == "none":
+        return 1
     import jax
 
     devices = jax.devices()  # every process's devices: the global mesh
@@ -197,6 +262,49 @@ def distribute(setting: str, batch_sizes: dict[str, int]) -> int:
     # auto_shard_dataset=False: each process's batches already hold only its own slice (ImageBatches).
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False))
     return len(devices)
+
+
+def check_accelerator() -> None:
+    """On the GPU plan, stop the stage unless JAX runs on the GPU.
+
+    When its CUDA plugin cannot start (a driver too old for its CUDA, a library
+    missing), JAX warns "falling back to cpu" and trains on the CPU, many times
+    slower, or raises "Unable to initialize backend 'cuda'" with a traceback:
+    both become one message that says what to do. A JAX_PLATFORMS without the
+    GPU is the user's choice, and is kept.
+    """
+    chosen = plan()
+    platforms = set(filter(None, os.environ.get("JAX_PLATFORMS", "").split(",")))
+    if chosen["device"] != "gpu" or chosen["keras_backend"] != "jax" or platforms and not platforms & {"cuda", "gpu"}:
+        return
+    import jax
+
+    try:
+        backend, cause = jax.default_backend(), ""
+    except Exception as error:  # RuntimeError "Unable to initialize backend 'cuda'", or worse
+        backend, cause = "", _first_line(error)
+    if backend in ("gpu", "cuda"):
+        return
+    if not cause:
+        try:
+            jax.devices("cuda")
+            cause = "JAX lists no CUDA device"
+        except Exception as error:  # why the CUDA backend did not start, as JAX recorded it
+            cause = _first_line(error)
+    driver = f"NVIDIA driver {chosen['driver']}" if chosen["driver"] else "no driver version from nvidia-smi"
+    outcome = f"JAX fell back to the {backend.upper()}" if backend else "JAX could not start"
+    installed, planned = _jax_cuda_plugins(), chosen["stack"][-2:]
+    if installed and planned not in installed:  # e.g. the CUDA 13 image on a machine whose driver runs CUDA 12
+        cause += (f"; JAX's CUDA {' and '.join(installed)} plugin is installed here, the driver needs CUDA {planned}"
+                  f" ({chosen['requirements']} with {chosen['constraints']})")
+    raise DeviceError(f"this machine is planned to train on the GPU ({chosen['stack']}, {driver}), but {outcome}:"
+                      f" {cause}. Check `nvidia-smi` and `make env`, and run `make setup` again after a driver"
+                      " update; or train on the CPU on purpose: `make run DEVICE=cpu` (IMGCLS_DEVICE=cpu for one"
+                      " script).")
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [f"{type(error).__name__} in JAX"])[0][:300]
 
 
 def process_slice() -> tuple[int, int]:
@@ -294,20 +402,23 @@ def main(arguments: list[str]) -> int:
     except DeviceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if arguments == ["--requirements"]:
-        print(chosen["requirements"])
-    elif arguments == ["--device"]:
-        print(chosen["device"])
+    if arguments == ["--pip-arguments"]:
+        print(pip_arguments(chosen))
+    elif arguments == ["--stack"]:
+        print(chosen["stack"])
     elif not arguments:
         gpus = ", ".join(f"{gpu['name']} (compute capability {gpu['compute_capability']:g})" for gpu in chosen["gpus"])
+        install = chosen["requirements"] + (f" with {chosen['constraints']}" if chosen["constraints"] else "")
         print(f"device:        {chosen['device']} ({chosen['reason']})")
+        print(f"stack:         {chosen['stack']}")
         print(f"GPUs:          {gpus or 'none'}")
+        print(f"driver:        {chosen['driver'] or 'none'}")
         print(f"CPU:           {cpu_model()}")
-        print(f"install:       {chosen['requirements']}")
+        print(f"install:       {install}")
         print(f"KERAS_BACKEND: {chosen['keras_backend']} (export always uses tensorflow, for TFLite)")
         print(f"multi-host:    {'yes: ' + os.environ['KERAS_DISTRIBUTION_JOB_ADDRESSES'] if _multi_host() else 'no'}")
     else:
-        print("usage: device.py [--requirements | --device]", file=sys.stderr)
+        print("usage: device.py [--stack | --pip-arguments]", file=sys.stderr)
         return 2
     return 0
 
