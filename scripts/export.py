@@ -11,6 +11,10 @@ serves it (LiteRT, onnxruntime) and records in reports/export/metrics.json how
 often its top-1 class agrees with the Keras model's, how far its probabilities
 are from Keras', and its size: an export must not change the answers.
 
+A model trained in mixed precision (bfloat16 or float16 computations, as on a
+recent GPU) is rebuilt in float32 with the same weights before conversion:
+neither converter takes bfloat16 convolutions.
+
 This is the one stage that uses TensorFlow directly: both converters start from a TensorFlow graph.
 """
 
@@ -32,6 +36,49 @@ EXPORT_DIR = MODELS_DIR / "export"
 BATCH_SIZE = 64
 # The first opset whose Resize has the `antialias` attribute.
 ONNX_OPSET = 18
+# Dtypes and policies of mixed-precision training (keras.config.set_dtype_policy("mixed_bfloat16")).
+LOWER_PRECISION = ("float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
+
+
+def float32_config(node):
+    """A copy of a serialised Keras object with every float16 or bfloat16 dtype and policy made float32.
+
+    The policy is saved in each layer's config (nested models, such as a
+    transfer model's base, hold their own layers' configs), and an InputLayer
+    or a traced tensor may name its dtype as a plain string.
+    """
+    if isinstance(node, list):
+        return [float32_config(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("class_name") == "DTypePolicy" and node.get("config", {}).get("name") in LOWER_PRECISION:
+        return {**node, "config": {**node["config"], "name": "float32"}}
+    return {key: "float32" if key == "dtype" and value in LOWER_PRECISION else float32_config(value)
+            for key, value in node.items()}
+
+
+def in_float32(model):
+    """`model` rebuilt to compute in float32 with the same weights, or `model` itself when it does already.
+
+    A model trained with a mixed_bfloat16 policy keeps that policy in its saved
+    layers, so its TensorFlow graph convolves in bfloat16, which TFLite has no
+    kernels for. Mixed precision keeps the weights themselves in float32: the
+    copy, built from the model's config with every policy made float32, takes
+    them as they are. It computes what the model computes, more precisely; the
+    agreement check compares the exported files with the model as trained.
+    """
+    import keras
+
+    import imgcls.calibration  # noqa: F401  (registers the Temperature layer the config names)
+
+    config = keras.saving.serialize_keras_object(model)
+    float32 = float32_config(config)
+    if float32 == config:
+        return model
+    copy = keras.saving.deserialize_keras_object(float32, safe_mode=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
 
 
 def without_antialiasing(model):
@@ -195,15 +242,18 @@ def main() -> None:
         )
     pixels, labels, _ = load_split("test", classifier.image_size)
     keras_probabilities = classifier.probabilities(pixels)
+    model = in_float32(classifier.runtime.model)
     write_card(classifier, settings.model)
     metrics = {
         "model": classifier.name,
         "keras_bytes": model_file.stat().st_size,
         "test_images": int(len(pixels)),
         "keras_test_accuracy": float(np.mean(keras_probabilities.argmax(axis=1) == labels)) if len(pixels) else None,
+        # True when the model computed in bfloat16 or float16 and was converted from its float32 copy.
+        "rebuilt_in_float32": model is not classifier.runtime.model,
     }
     for format_name in settings.formats:
-        content, plain_resizing = EXPORTERS[format_name](classifier.runtime.model, settings.quantization)
+        content, plain_resizing = EXPORTERS[format_name](model, settings.quantization)
         path = EXPORT_DIR / f"{settings.model}.{format_name}"
         with atomic_path(path) as temporary:
             temporary.write_bytes(content)

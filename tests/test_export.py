@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY_CNN, TINY_TRANSFER
-from tiny_model import copy_model, train_on_project
+from export import in_float32
+from tiny_model import CARD_GEOMETRY, copy_model, train_on_project
 
 
 @pytest.fixture
@@ -118,3 +119,74 @@ def test_a_trained_transfer_model_exports_to_both_formats(prepared):
     assert metrics["model"] == "transfer"
     assert metrics["onnx"]["top1_agreement"] == 1.0 and metrics["onnx"]["max_probability_difference"] < 1e-4
     assert metrics["tflite"]["top1_agreement"] >= 0.8
+
+
+def mixed_precision_model(class_names: list[str]):
+    """A model built under mixed_bfloat16 like the trainers' on a recent GPU: a nested augmentation
+    Sequential, a nested functional base, a float32 softmax and the Temperature layer."""
+    import keras
+
+    from imgcls.calibration import with_temperature
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(0)
+        pixels = keras.Input((32, 32, 3), name="pixels")
+        augmentation = keras.Sequential([keras.layers.RandomFlip("horizontal"), keras.layers.RandomZoom(0.1)],
+                                        name="augmentation")
+        base_input = keras.Input((16, 16, 3))
+        features = keras.layers.Conv2D(8, 3, activation="relu6")(keras.layers.Rescaling(1 / 127.5, -1)(base_input))
+        base = keras.Model(base_input, keras.layers.DepthwiseConv2D(3)(features), name="base")
+        x = keras.layers.Resizing(16, 16)(augmentation(pixels))
+        x = keras.layers.GlobalAveragePooling2D()(base(x))
+        outputs = keras.layers.Dense(len(class_names), activation="softmax", dtype="float32")(x)
+        return with_temperature(keras.Model(pixels, outputs, name="cnn"), 0.5)
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def every_layer(model):
+    for layer in model.layers:
+        yield layer
+        yield from every_layer(layer) if hasattr(layer, "layers") else ()
+
+
+def test_a_mixed_precision_model_is_rebuilt_in_float32_with_its_weights_and_answers():
+    model = mixed_precision_model(["a", "b", "c"])
+    assert {layer.dtype_policy.name for layer in every_layer(model)} == {"mixed_bfloat16", "float32"}
+    copy = in_float32(model)
+    assert copy is not model
+    assert {layer.dtype_policy.name for layer in every_layer(copy)} == {"float32"}
+    assert [layer.name for layer in every_layer(copy)] == [layer.name for layer in every_layer(model)]
+    assert all(np.array_equal(first, second) for first, second in zip(copy.get_weights(), model.get_weights()))
+    pixels = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
+    probabilities = copy.predict(pixels, verbose=0)
+    assert probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities, model.predict(pixels, verbose=0), atol=0.02)
+    # A float32 model is exported as it is.
+    assert in_float32(copy) is copy
+
+
+def test_a_model_trained_in_bfloat16_exports_to_both_formats(prepared):
+    import keras
+
+    from imgcls.dataset import load_class_names, load_split
+    from imgcls.modelio import save_model
+
+    with contextlib.chdir(prepared.root):
+        class_names = load_class_names()
+        pixels, labels, _ = load_split("train", 32)
+    model = mixed_precision_model(class_names)
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="sparse_categorical_crossentropy")
+    model.fit(pixels.astype(np.float32), labels, epochs=30, batch_size=16, verbose=0)
+    card = {"name": "cnn", "class_names": class_names, "image_size": 32, **CARD_GEOMETRY,
+            "val_accuracy": 0.5, "temperature": 0.5, "confidence_threshold": 0.5}
+    with contextlib.chdir(prepared.root):
+        save_model(model, "cnn", card)
+    prepared.set_params(**{"export.model": "cnn", "export.formats": ["tflite", "onnx"]})
+    prepared.stage("export")
+    metrics = metrics_of(prepared)
+    assert metrics["rebuilt_in_float32"] is True
+    for format_name in ("tflite", "onnx"):
+        assert (prepared.root / "models" / "export" / f"cnn.{format_name}").stat().st_size == metrics[format_name]["bytes"]
+        assert metrics[format_name]["top1_agreement"] >= 0.99
