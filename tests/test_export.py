@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY_CNN, TINY_TRANSFER
-from export import in_float32
+from export import compare, in_float32, require_agreement
+from imgcls.errors import UserError
 from tiny_model import CARD_GEOMETRY, copy_model, train_on_project
 
 
@@ -119,6 +120,76 @@ def test_a_trained_transfer_model_exports_to_both_formats(prepared):
     assert metrics["model"] == "transfer"
     assert metrics["onnx"]["top1_agreement"] == 1.0 and metrics["onnx"]["max_probability_difference"] < 1e-4
     assert metrics["tflite"]["top1_agreement"] >= 0.8
+
+
+def test_the_gate_passes_at_min_agreement_and_stops_below_it_naming_the_figure_file_and_param():
+    keras_probabilities = np.eye(3)[np.arange(200) % 3]
+    labels = np.arange(200) % 3
+    exported = keras_probabilities.copy()
+    exported[:3] = np.roll(exported[:3], 1, axis=1)  # 3 answers of 200 changed: 98.5% agreement
+    figures = compare(exported, keras_probabilities, labels)
+    assert figures["top1_agreement"] == 0.985 and figures["test_accuracy"] == 0.985
+
+    require_agreement("models/export/cnn.onnx", figures, 0.985, 200)
+    with pytest.raises(UserError) as error:
+        require_agreement("models/export/cnn.onnx", figures, 0.99, 200)
+    message = str(error.value)
+    for part in ("models/export/cnn.onnx", "98.50% of the 200 test images", "export.min_agreement (0.99)",
+                 "nothing was written", "Try another export.quantization"):
+        assert part in message, (part, message)
+    with pytest.raises(UserError, match="resizes without antialiasing.*export.formats: \\[onnx\\] keeps it"):
+        require_agreement("models/export/cnn.tflite", {**figures, "resizing_without_antialiasing": True}, 0.99, 200)
+    # An empty test split has no figure to check.
+    require_agreement("models/export/cnn.onnx", compare(exported[:0], keras_probabilities[:0], labels[:0]), 0.99, 0)
+
+
+def save_near_tie_model(root, class_names: list[str]) -> None:
+    """models/cnn.keras: a model whose top class wins by less than float16 can tell apart.
+
+    Class 1's weights are class 0's times (1 + 2**-12), so Keras (float32) always
+    answers class 1, and TFLite's float16 weights, in which the two are equal,
+    make every answer a tie that goes to class 0.
+    """
+    import keras
+
+    from imgcls.modelio import save_model
+
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Rescaling(1 / 255),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(len(class_names), activation="softmax"),
+    ])
+    kernel = np.zeros((3, len(class_names)), np.float32)
+    kernel[:, 0], kernel[:, 1] = 1.0, 1.0 + 2.0 ** -12
+    model.layers[-1].set_weights([kernel, np.zeros(len(class_names), np.float32)])
+    card = {"name": "cnn", "class_names": class_names, "image_size": 32, **CARD_GEOMETRY,
+            "val_accuracy": 0.5, "temperature": 1.0, "confidence_threshold": 0.5}
+    with contextlib.chdir(root):
+        save_model(model, "cnn", card)
+
+
+def test_a_file_below_min_agreement_stops_the_stage_and_nothing_is_written(prepared):
+    from imgcls.dataset import load_class_names
+
+    with contextlib.chdir(prepared.root):
+        save_near_tie_model(prepared.root, load_class_names())
+    prepared.set_params(**{"export.model": "cnn", "export.formats": ["onnx"], "export.quantization": "float16"})
+    prepared.stage("export")  # ONNX keeps float32 weights: the same answers
+    exported = prepared.root / "models" / "export"
+    before = {path.name: path.read_bytes() for path in exported.iterdir()}
+    metrics_before = metrics_of(prepared)
+    assert sorted(before) == ["cnn.json", "cnn.labels.txt", "cnn.onnx"] and metrics_before["onnx"]["top1_agreement"] == 1.0
+
+    prepared.set_params(**{"export.formats": ["onnx", "tflite"]})
+    result = prepared.stage("export", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ("models/export/cnn.tflite would agree with the Keras model's top-1 class on 0.00% of the"
+            f" {metrics_before['test_images']} test images, below export.min_agreement (0.99)") in result.stderr
+    # The files of the last export that passed stay as they were; the failed one is nowhere.
+    assert {path.name: path.read_bytes() for path in exported.iterdir()} == before
+    assert metrics_of(prepared) == metrics_before
+    assert [path.name for path in (prepared.root / "models").iterdir() if path.name.startswith(".export")] == []
 
 
 def mixed_precision_model(class_names: list[str]):
