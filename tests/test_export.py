@@ -173,13 +173,15 @@ def test_a_file_below_min_agreement_stops_the_stage_and_nothing_is_written(prepa
     from imgcls.dataset import load_class_names
 
     with contextlib.chdir(prepared.root):
-        save_near_tie_model(prepared.root, load_class_names())
+        class_names = load_class_names()
+    save_near_tie_model(prepared.root, class_names)
     prepared.set_params(**{"export.model": "cnn", "export.formats": ["onnx"], "export.quantization": "float16"})
     prepared.stage("export")  # ONNX keeps float32 weights: the same answers
     exported = prepared.root / "models" / "export"
     before = {path.name: path.read_bytes() for path in exported.iterdir()}
     metrics_before = metrics_of(prepared)
-    assert sorted(before) == ["cnn.json", "cnn.labels.txt", "cnn.onnx"] and metrics_before["onnx"]["top1_agreement"] == 1.0
+    assert sorted(before) == ["cnn.json", "cnn.labels.txt", "cnn.onnx"]
+    assert metrics_before["onnx"]["top1_agreement"] == 1.0
 
     prepared.set_params(**{"export.formats": ["onnx", "tflite"]})
     result = prepared.stage("export", check=False)
@@ -258,6 +260,7 @@ def test_a_model_trained_in_bfloat16_exports_to_both_formats(prepared):
     prepared.stage("export")
     metrics = metrics_of(prepared)
     assert metrics["rebuilt_in_float32"] is True
+    exported = prepared.root / "models" / "export"
     for format_name in ("tflite", "onnx"):
-        assert (prepared.root / "models" / "export" / f"cnn.{format_name}").stat().st_size == metrics[format_name]["bytes"]
+        assert (exported / f"cnn.{format_name}").stat().st_size == metrics[format_name]["bytes"]
         assert metrics[format_name]["top1_agreement"] >= 0.99
