@@ -9,7 +9,14 @@ as the Keras model's: (N, size, size, 3) float32 pixels in 0..255, preprocessing
 inside. The stage then runs each file on the test split with the runtime that
 serves it (LiteRT, onnxruntime) and records in reports/export/metrics.json how
 often its top-1 class agrees with the Keras model's, how far its probabilities
-are from Keras', and its size: an export must not change the answers.
+are from Keras', and its size: an export must not change the answers. A file
+that agrees on less than export.min_agreement of the test images stops the
+stage, and nothing is written: the files are made and checked in a staging
+folder and moved into models/export only once every one of them has passed.
+
+A model trained in mixed precision (bfloat16 or float16 computations, as on a
+recent GPU) is rebuilt in float32 with the same weights before conversion:
+neither converter takes bfloat16 convolutions.
 
 This is the one stage that uses TensorFlow directly: both converters start from a TensorFlow graph.
 """
@@ -18,11 +25,15 @@ import contextlib
 import io
 import json
 import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
 from imgcls import device
-from imgcls.dataset import MODELS_DIR, REPORTS_DIR, atomic_path, load_split, write_json
+from imgcls.dataset import MODELS_DIR, REPORTS_DIR, load_split, write_json
 from imgcls.errors import UserError, run_stage
 from imgcls.params import load_params
 from imgcls.predict import Classifier, choose_model
@@ -32,6 +43,48 @@ EXPORT_DIR = MODELS_DIR / "export"
 BATCH_SIZE = 64
 # The first opset whose Resize has the `antialias` attribute.
 ONNX_OPSET = 18
+# Dtypes and policies of mixed-precision training (keras.config.set_dtype_policy("mixed_bfloat16")).
+LOWER_PRECISION = ("float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
+
+
+def float32_config(node):
+    """A copy of a serialised Keras object with every float16 or bfloat16 dtype and policy made float32.
+
+    The policy is saved in each layer's config (nested models, such as a
+    transfer model's base, hold their own layers' configs), and an InputLayer
+    or a traced tensor may name its dtype as a plain string.
+    """
+    if isinstance(node, list):
+        return [float32_config(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("class_name") == "DTypePolicy" and node.get("config", {}).get("name") in LOWER_PRECISION:
+        return {**node, "config": {**node["config"], "name": "float32"}}
+    return {key: "float32" if key == "dtype" and value in LOWER_PRECISION else float32_config(value)
+            for key, value in node.items()}
+
+
+def in_float32(model):
+    """`model` rebuilt to compute in float32 with the same weights, or `model` itself when it does already.
+
+    A model trained with a mixed_bfloat16 policy keeps that policy in its saved
+    layers, so its TensorFlow graph convolves in bfloat16, which TFLite has no
+    kernels for. Mixed precision keeps the weights themselves in float32: the
+    copy, built from the model's config with every policy made float32, takes
+    them as they are. It computes what the model computes, more precisely; the
+    agreement check compares the exported files with the model as trained.
+    """
+    import keras
+
+    import imgcls.calibration  # noqa: F401  (registers the Temperature layer the config names)
+
+    config = keras.saving.serialize_keras_object(model)
+    float32 = float32_config(config)
+    if float32 == config:
+        return model
+    copy = keras.saving.deserialize_keras_object(float32, safe_mode=True)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def without_antialiasing(model):
@@ -161,18 +214,49 @@ def onnx_file(model, quantization: str) -> tuple[bytes, bool]:
 EXPORTERS = {"tflite": tflite_file, "onnx": onnx_file}
 
 
-def write_card(classifier: Classifier, name: str) -> None:
+def export_file(model, path: Path, quantization: str) -> dict:
+    """Write `model` in the format its suffix names; return the file's entry of the metrics."""
+    content, plain_resizing = EXPORTERS[path.suffix[1:]](model, quantization)
+    path.write_bytes(content)
+    return {
+        "bytes": len(content),
+        **({"quantization": quantization} if path.suffix == ".tflite" else {}),
+        # True when the Keras model's antialiased resizing became plain bilinear resizing.
+        "resizing_without_antialiasing": plain_resizing,
+    }
+
+
+def write_card(classifier: Classifier, name: str, folder) -> None:
     """The model card and the labels file beside the exported files, for whatever runs them."""
-    with atomic_path(EXPORT_DIR / f"{name}.json") as temporary:
-        temporary.write_text(json.dumps(classifier.card, indent=2) + "\n")
-    with atomic_path(EXPORT_DIR / f"{name}.labels.txt") as temporary:
-        temporary.write_text("\n".join(classifier.class_names) + "\n")
+    (folder / f"{name}.json").write_text(json.dumps(classifier.card, indent=2) + "\n")
+    (folder / f"{name}.labels.txt").write_text("\n".join(classifier.class_names) + "\n")
 
 
-def check_export(path, pixels: np.ndarray, keras_probabilities: np.ndarray, labels: np.ndarray) -> dict:
-    """Run an exported file on the test split with its own runtime; compare with Keras."""
-    probabilities = Classifier(path, batch_size=BATCH_SIZE, check_classes=False).probabilities(pixels)
-    if not len(pixels):
+@contextlib.contextmanager
+def staging_folder():
+    """A new empty folder beside models/export, removed on the way out whatever happens.
+
+    Outside models/export, so a folder left by a killed run is never taken into
+    the next export; its name matches the .gitignore pattern of temporary files.
+    """
+    MODELS_DIR.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=".export.", suffix=".tmp", dir=MODELS_DIR)
+    try:
+        yield Path(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish(folder) -> None:
+    """Move every file of the staging folder into models/export, each in one rename."""
+    EXPORT_DIR.mkdir(parents=True, exist_ok=True)
+    for path in sorted(folder.iterdir()):
+        os.replace(path, EXPORT_DIR / path.name)
+
+
+def compare(probabilities: np.ndarray, keras_probabilities: np.ndarray, labels: np.ndarray) -> dict:
+    """How an exported file's answers on the test split compare with Keras' (None for each on no images)."""
+    if not len(probabilities):
         return {"top1_agreement": None, "test_accuracy": None, "max_probability_difference": None}
     top1 = probabilities.argmax(axis=1)
     return {
@@ -180,6 +264,31 @@ def check_export(path, pixels: np.ndarray, keras_probabilities: np.ndarray, labe
         "test_accuracy": float(np.mean(top1 == labels)),
         "max_probability_difference": float(np.abs(probabilities - keras_probabilities).max()),
     }
+
+
+def check_export(path, pixels: np.ndarray, keras_probabilities: np.ndarray, labels: np.ndarray) -> dict:
+    """Run an exported file on the test split with its own runtime; compare with Keras."""
+    probabilities = Classifier(path, batch_size=BATCH_SIZE, check_classes=False).probabilities(pixels)
+    return compare(probabilities, keras_probabilities, labels)
+
+
+def require_agreement(published: Path, figures: dict, minimum: float, images: int) -> None:
+    """Stop the stage when a file's top-1 agreement with Keras on the test split is below export.min_agreement.
+
+    `figures` is compare()'s, with resizing_without_antialiasing; an empty test
+    split gives no figure, and nothing to refuse.
+    """
+    agreement = figures["top1_agreement"]
+    if agreement is None or agreement >= minimum:
+        return
+    if figures.get("resizing_without_antialiasing"):
+        hint = ("This file resizes without antialiasing (TFLite has no antialiased resize):"
+                " export.formats: [onnx] keeps it")
+    else:
+        hint = "Try another export.quantization or export.formats"
+    raise UserError(f"export: {published} would agree with the Keras model's top-1 class on {agreement:.2%} of the"
+                    f" {images} test images, below export.min_agreement ({minimum:g}), so nothing was written to"
+                    f" {EXPORT_DIR}. {hint}; or lower export.min_agreement if that difference is acceptable.")
 
 
 def main() -> None:
@@ -195,27 +304,26 @@ def main() -> None:
         )
     pixels, labels, _ = load_split("test", classifier.image_size)
     keras_probabilities = classifier.probabilities(pixels)
-    write_card(classifier, settings.model)
+    model = in_float32(classifier.runtime.model)
     metrics = {
         "model": classifier.name,
         "keras_bytes": model_file.stat().st_size,
         "test_images": int(len(pixels)),
         "keras_test_accuracy": float(np.mean(keras_probabilities.argmax(axis=1) == labels)) if len(pixels) else None,
+        # True when the model computed in bfloat16 or float16 and was converted from its float32 copy.
+        "rebuilt_in_float32": model is not classifier.runtime.model,
     }
-    for format_name in settings.formats:
-        content, plain_resizing = EXPORTERS[format_name](classifier.runtime.model, settings.quantization)
-        path = EXPORT_DIR / f"{settings.model}.{format_name}"
-        with atomic_path(path) as temporary:
-            temporary.write_bytes(content)
-        metrics[format_name] = {
-            "bytes": len(content),
-            **({"quantization": settings.quantization} if format_name == "tflite" else {}),
-            # True when the Keras model's antialiased resizing became plain bilinear resizing.
-            "resizing_without_antialiasing": plain_resizing,
-            **check_export(path, pixels, keras_probabilities, labels),
-        }
-        print(f"export: {model_file} → {path} ({len(content) / 1e6:.2f} MB, Keras {metrics['keras_bytes'] / 1e6:.2f} MB);"
-              f" top-1 agrees with Keras on {metrics[format_name]['top1_agreement']:.2%} of {len(pixels)} test images")
+    with staging_folder() as staging:
+        write_card(classifier, settings.model, staging)
+        for format_name in settings.formats:
+            path = staging / f"{settings.model}.{format_name}"
+            metrics[format_name] = export_file(model, path, settings.quantization)
+            metrics[format_name].update(check_export(path, pixels, keras_probabilities, labels))
+            require_agreement(EXPORT_DIR / path.name, metrics[format_name], settings.min_agreement, len(pixels))
+            print(f"export: {model_file} → {EXPORT_DIR / path.name} ({metrics[format_name]['bytes'] / 1e6:.2f} MB,"
+                  f" Keras {metrics['keras_bytes'] / 1e6:.2f} MB); top-1 agrees with Keras on"
+                  f" {metrics[format_name]['top1_agreement']:.2%} of {len(pixels)} test images")
+        publish(staging)
     write_json(METRICS_FILE, metrics)
 
 

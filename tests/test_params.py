@@ -49,6 +49,9 @@ def test_the_repository_params_are_valid():
         ({"predict_new.target_coverage": 0}, "predict_new.target_coverage = 0: Input should be greater than 0"),
         ({"predict_new.target_coverage": 1.2}, "predict_new.target_coverage = 1.2: Input should be less than or equal to 1"),
         ({"evaluate.ood_dir": None}, "evaluate.ood_dir: missing"),
+        ({"export.min_agreement": 0}, "export.min_agreement = 0: Input should be greater than 0"),
+        ({"export.min_agreement": 1.5}, "export.min_agreement = 1.5: Input should be less than or equal to 1"),
+        ({"export.min_agreement": "high"}, "export.min_agreement = 'high': Input should be a valid number"),
         ({"evaluate.ood_dir": 3}, "evaluate.ood_dir = 3: Input should be a valid string"),
     ],
 )

@@ -250,6 +250,7 @@ class ExportParams(Section):
     model: Literal["cnn", "transfer", "best"]
     formats: list[Literal["tflite", "onnx"]] = Field(min_length=1)
     quantization: Literal["float16", "dynamic"]
+    min_agreement: float = Field(gt=0, le=1)  # least top-1 agreement of each file with Keras on the test split
 
     @field_validator("formats")
     @classmethod
