@@ -17,7 +17,7 @@ throw-away copy of the project it:
 It prints one markdown table and writes it, with the raw figures, to --out.
 
     python tests/gpu_check.py --out DIR [--quick]
-    python tests/gpu_check.py --export-check DIR
+    python tests/gpu_check.py --export-check DIR [--quick]
 
 --quick: tiny generated images and tiny models (a minute on a CPU), to test the
 script itself; without it the gear photos are needed (KERAS_HOME, or `make
@@ -44,8 +44,10 @@ from benchmark import environment, make_workdir, print_table  # noqa: E402  (aft
 
 STAGES = ("data", "resize", "split", "train_cnn", "train_transfer", "evaluate")
 TRAINERS = {"train_cnn": "cnn", "train_transfer": "transfer"}
-# --quick: the tests' tiny settings (tests/conftest.py), on generated 40 px images.
+# --quick: the tests' tiny settings (tests/conftest.py), on generated 40 px images, in bfloat16 as a
+# recent GPU trains (mixed_precision: auto), so that the saved models test the export check too.
 QUICK_PARAMS = {
+    "train_cnn.mixed_precision": "bfloat16", "train_transfer.mixed_precision": "bfloat16",
     "resize.image_size": 32, "resize.workers": 1,
     "train_cnn.input_size": 24, "train_cnn.filters": [8, 16], "train_cnn.convs_per_block": 1,
     "train_cnn.batch_size": 8, "train_cnn.epochs": 3, "train_cnn.warmup_epochs": 1,
@@ -152,11 +154,20 @@ def save_models(workdir: Path, out: Path) -> None:
     shutil.copy2(workdir / "params.yaml", out / "params.yaml")
 
 
-def export_check(saved: Path) -> list[dict]:
+def quick_data(scratch: Path) -> str:
+    """The --quick images: generated, the same every time (seeded), so an export check can make them again."""
+    from conftest import make_dataset
+
+    return str(make_dataset(scratch / "images"))
+
+
+def export_check(saved: Path, quick: bool) -> list[dict]:
     """Export the models saved by a GPU run (bfloat16 where it trained in it) in a copy of this project."""
     with tempfile.TemporaryDirectory(prefix="imgcls-export-check-") as scratch:
-        workdir = make_workdir(Path(scratch))
+        workdir = make_workdir(Path(scratch) / "project")
         shutil.copy2(saved / "params.yaml", workdir / "params.yaml")
+        if quick:
+            set_params(workdir, {"data.source": quick_data(Path(scratch))})
         for stage in ("data", "resize", "split"):
             run_stage(workdir, stage)
         for path in (saved / "models").glob("*"):
@@ -174,7 +185,7 @@ def main() -> None:
     parser.add_argument("--export-check", type=Path, metavar="DIR", help="export the models a GPU run saved in DIR")
     arguments = parser.parse_args()
     if arguments.export_check:
-        print_table(export_check(arguments.export_check))
+        print_table(export_check(arguments.export_check, arguments.quick))
         return
     if not arguments.out:
         parser.error("--out DIR is needed (where the table and the trained models go)")
@@ -182,9 +193,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="imgcls-gpu-check-") as scratch:
         workdir = make_workdir(Path(scratch) / "project")
         if arguments.quick:
-            from conftest import make_dataset
-
-            set_params(workdir, {**QUICK_PARAMS, "data.source": str(make_dataset(Path(scratch) / "images"))})
+            set_params(workdir, {**QUICK_PARAMS, "data.source": quick_data(Path(scratch))})
         rows, figures = pipeline_rows(workdir)
         rows += efficiency_rows(workdir)
         rows += resume_rows(workdir)
