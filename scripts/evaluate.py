@@ -144,9 +144,9 @@ def out_of_class_scores(model, card: dict, files: list[Path], in_class_confidenc
     """Share of out-of-class photos flagged unknown, and the AUROC of confidence: in-class test photos vs those."""
     from sklearn.metrics import roc_auc_score
 
+    from imgcls.batches import ImageBatches
     from imgcls.images import BadImage
     from imgcls.predict import decode_for_model
-    from imgcls.training import ImageBatches
 
     decoded = []
     for path in files:
@@ -219,10 +219,10 @@ def main() -> None:
         raise UserError("the test split is empty: check the split fractions in params.yaml and run `dvc repro split`.")
 
     device.choose_backend()
+    from imgcls.batches import ImageBatches
     from imgcls.calibration import reliability
     from imgcls.modelio import load_model
     from imgcls.predict import find_images, resolve_min_confidence
-    from imgcls.training import ImageBatches
 
     out_of_class = []
     if section.ood_dir:
