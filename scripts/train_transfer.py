@@ -14,6 +14,8 @@ is computed once for each image and a few augmented copies of it
 The epoch with the best validation score over both phases is kept. Curves go
 to reports/transfer/ (DVCLive plots data, history.csv, training.png with the
 phase boundary) and the training summary to reports/transfer/train.json.
+The networks are built in imgcls/transfer.py, the phases run in
+imgcls/transfer_training.py.
 """
 
 import time
