@@ -144,9 +144,9 @@ def out_of_class_scores(model, card: dict, files: list[Path], in_class_confidenc
     """Share of out-of-class photos flagged unknown, and the AUROC of confidence: in-class test photos vs those."""
     from sklearn.metrics import roc_auc_score
 
+    from imgcls.batches import ImageBatches
     from imgcls.images import BadImage
     from imgcls.predict import decode_for_model
-    from imgcls.training import ImageBatches
 
     decoded = []
     for path in files:
@@ -253,7 +253,7 @@ def evaluate_model(name: str, params, manifest: pd.DataFrame, class_names: list[
     """Score models/<name>.keras on the test split, write its reports and print its scores; return its metrics."""
     from imgcls.modelio import load_model
     from imgcls.predict import resolve_min_confidence
-    from imgcls.training import ImageBatches
+    from imgcls.batches import ImageBatches
 
     section = params.evaluate
     model, card = load_model(model_path(name))

@@ -72,6 +72,7 @@ def predict_files(classifier: Classifier, files: list[tuple[Path, str]], workers
 
 def draw_grid(frame: pd.DataFrame, pixels_of: list, path: Path, max_images: int, min_confidence: float) -> None:
     """Each readable photo as the model saw it, its predicted class and a bar of its top-k probabilities."""
+    # Imported here: pyplot must load after the file-only Agg backend is chosen.
     import matplotlib
 
     matplotlib.use("Agg")

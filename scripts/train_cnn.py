@@ -22,29 +22,29 @@ def main() -> None:
     class_names, (train_pixels, train_labels), (val_pixels, val_labels) = load_training_data(image_size)
     # Keras is imported only now, so a bad params.yaml fails in a fraction of a second.
     device.choose_backend()
-    from imgcls import flops, training
+    from imgcls import batches, callbacks, flops, modelio, optim, training
     from imgcls.calibration import calibrate
     from imgcls.cnn import batch_norm_bias_rates, build_cnn, with_test_time_augmentation
 
     run = training.start_run("train_cnn", section, params.seed, params.distribution, image_size)
     num_classes = len(class_names)
-    weights = training.class_weights(train_labels, num_classes, section.class_weight)
+    weights = batches.class_weights(train_labels, num_classes, section.class_weight)
     train = run.batches(train_pixels, train_labels, num_classes, section.batch_size, shuffle=True, seed=params.seed,
-                        class_weights=weights, kind=training.AlternatingFlips if section.alternate_flips else None)
+                        class_weights=weights, kind=batches.AlternatingFlips if section.alternate_flips else None)
     val = run.batches(val_pixels, val_labels, num_classes, batch_size=max(section.batch_size, 64))
 
     model = build_cnn(num_classes, image_size, section, params.seed, train_images=train_pixels)
-    optimizer = training.build_optimizer(section.optimizer, section.learning_rate, section.schedule, section.epochs,
-                                         len(train), section.warmup_epochs, section.weight_decay,
-                                         batch_norm_bias_rates(model, section.batch_norm_bias_lr_scale),
-                                         section.ema_momentum, section.ema_every, section.ema_ramp,
-                                         section.schedule_start, section.schedule_end, section.weight_decay_biases)
+    optimizer = optim.build_optimizer(section.optimizer, section.learning_rate, section.schedule, section.epochs,
+                                      len(train), section.warmup_epochs, section.weight_decay,
+                                      batch_norm_bias_rates(model, section.batch_norm_bias_lr_scale),
+                                      section.ema_momentum, section.ema_every, section.ema_ramp,
+                                      section.schedule_start, section.schedule_end, section.weight_decay_biases)
     training.compile_classifier(model, optimizer, section.label_smoothing, section.jit_compile)
     print(f"train_cnn: {model.count_params():,} parameters, {len(train_labels)} training and {len(val_labels)}"
           f" validation images, {num_classes} classes")
 
-    log = training.TrainingLog(REPORT_DIR, title="CNN")
-    best = training.KeepBest(section.monitor)
+    log = callbacks.TrainingLog(REPORT_DIR, title="CNN")
+    best = callbacks.KeepBest(section.monitor)
     seconds = training.train_phase(model, train, val, section.epochs, log, best, section.patience, run.state)
     best.restore(model)
     log.finish()
@@ -53,9 +53,9 @@ def main() -> None:
     if section.test_time_flip or section.test_time_shift:
         # Training is unchanged; the saved model also looks at each photo's mirror image and/or shifted copies.
         # (An uncompiled copy: a compiled model nested in the saved one would drag its optimizer along.)
-        model = with_test_time_augmentation(training.uncompiled_copy(trained), section.test_time_flip,
+        model = with_test_time_augmentation(modelio.uncompiled_copy(trained), section.test_time_flip,
                                             section.test_time_shift)
-        val_accuracy = float((training.predict(model, val).argmax(axis=1) == val_labels).mean())
+        val_accuracy = float((batches.predict(model, val).argmax(axis=1) == val_labels).mean())
         print(f"train_cnn: validation accuracy {best.best_logs['val_accuracy']:.4f}, {val_accuracy:.4f} averaged"
               " over the test-time versions of each image")
     card = training.model_card(NAME, class_names, params.resize, image_size, val_accuracy,
@@ -63,7 +63,7 @@ def main() -> None:
                                test_time_flip=section.test_time_flip, test_time_shift=section.test_time_shift,
                                trained_on=run.device)
     model, card = calibrate(model, card, val, val_labels, params.predict_new.target_coverage)
-    training.save_trained_model(model, NAME, card)
+    modelio.save_trained_model(model, NAME, card)
     metrics = training.write_training_metrics(REPORT_DIR / "train.json", best, seconds,
                                               images_seen=best.epochs_seen * len(train_labels),
                                               parameters=int(trained.count_params()), trained_on=run.device,

@@ -45,14 +45,15 @@ def probe(workdir: Path) -> dict:
 
     from imgcls import training
     from imgcls.cnn import build_cnn
+    from imgcls.optim import build_optimizer
 
     chosen = np.random.default_rng(0).choice(len(labels), size=min(SAMPLE, len(labels)), replace=False)
     pixels, labels = np.asarray(pixels[np.sort(chosen)]), labels[np.sort(chosen)]
     run = training.start_run("train_cnn", section, params.seed, params.distribution, image_size)
     train = run.batches(pixels, labels, len(class_names), section.batch_size, shuffle=True, seed=params.seed)
     model = build_cnn(len(class_names), image_size, section, params.seed, train_images=pixels)
-    optimizer = training.build_optimizer(section.optimizer, section.learning_rate, section.schedule, 3, len(train),
-                                         1, section.weight_decay)
+    optimizer = build_optimizer(section.optimizer, section.learning_rate, section.schedule, 3, len(train), 1,
+                                section.weight_decay)
     training.compile_classifier(model, optimizer, section.label_smoothing, section.jit_compile)
 
     epoch_seconds = []

@@ -27,7 +27,10 @@ def _measure(workdir: Path) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from imgcls import modelio, training, transfer
+    from imgcls.batches import ImageBatches
     from imgcls.dataset import load_class_names, load_split
+    from imgcls.optim import build_optimizer
+    from imgcls.transfer_training import compute_features
     from imgcls.params import load_params
 
     params = load_params()
@@ -46,15 +49,15 @@ def _measure(workdir: Path) -> dict:
     base = transfer.build_base(section.base, input_size, section.weights)
     extractor = transfer.feature_extractor(section.base, base, image_size, input_size)
     started = time.perf_counter()
-    features = {name: transfer.compute_features(extractor, pixels) for name, (pixels, _) in splits.items()
+    features = {name: compute_features(extractor, pixels) for name, (pixels, _) in splits.items()
                 if name != "test"}
     feature_seconds = time.perf_counter() - started
-    features["test"] = transfer.compute_features(extractor, splits["test"][0])
+    features["test"] = compute_features(extractor, splits["test"][0])
     probe = LogisticRegression(max_iter=5000).fit(features["train"], splits["train"][1])
     probe_accuracy = float(probe.score(features["test"], splits["test"][1]))
 
     def fit_seconds(model, train, val, epochs, learning_rate):
-        optimizer = training.build_optimizer("adam", learning_rate, "constant", epochs, len(train))
+        optimizer = build_optimizer("adam", learning_rate, "constant", epochs, len(train))
         training.compile_classifier(model, optimizer, section.label_smoothing)
         started = time.perf_counter()
         model.fit(train, validation_data=val, epochs=epochs, verbose=0)
@@ -63,15 +66,15 @@ def _measure(workdir: Path) -> dict:
     # Phase 1 with cached features: features once, then every head epoch on them.
     base.trainable = False
     head = transfer.build_head(base.output_shape[-1], num_classes, section.dense_units, section.dropout)
-    cached_train = training.ImageBatches(features["train"], splits["train"][1], num_classes, section.batch_size,
-                                         shuffle=True, seed=params.seed)
-    cached_val = training.ImageBatches(features["val"], splits["val"][1], num_classes, 64)
+    cached_train = ImageBatches(features["train"], splits["train"][1], num_classes, section.batch_size,
+                                shuffle=True, seed=params.seed)
+    cached_val = ImageBatches(features["val"], splits["val"][1], num_classes, 64)
     cached = feature_seconds + fit_seconds(head, cached_train, cached_val, section.head.epochs,
                                            section.head.learning_rate)
     # Phase 1 without the cache: the frozen base runs on every image in every epoch (one epoch timed).
     classifier = transfer.build_classifier(section.base, base, head, image_size, input_size)
-    train = training.ImageBatches(*splits["train"], num_classes, section.batch_size, shuffle=True, seed=params.seed)
-    val = training.ImageBatches(*splits["val"], num_classes, 64)
+    train = ImageBatches(*splits["train"], num_classes, section.batch_size, shuffle=True, seed=params.seed)
+    val = ImageBatches(*splits["val"], num_classes, 64)
     uncached_epoch = fit_seconds(classifier, train, val, 1, section.head.learning_rate)
     # One phase-2 epoch on freshly augmented images (cached_copies = 0), against the stage's cached epochs.
     transfer.unfreeze_top(base, section.fine_tune.unfreeze)

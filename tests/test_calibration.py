@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from imgcls import calibration
-from imgcls.training import ImageBatches
+from imgcls.batches import ImageBatches
 
 
 def noisy_images(count: int, seed: int):

@@ -208,7 +208,7 @@ def test_mixed_precision_auto_is_bfloat16_only_on_ampere_or_newer_gpus():
 # --- data-parallel training on virtual devices ----------------------------------------------------------------
 
 def test_validation_batches_are_padded_and_training_batches_trimmed_to_split_across_devices():
-    from imgcls.training import ImageBatches
+    from imgcls.batches import ImageBatches
 
     images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(3, axis=3)
     labels = np.arange(10) % 3
@@ -225,7 +225,8 @@ def test_validation_batches_are_padded_and_training_batches_trimmed_to_split_acr
 def test_the_padding_changes_neither_loss_nor_accuracy():
     import keras
 
-    from imgcls.training import ImageBatches, compile_classifier
+    from imgcls.batches import ImageBatches
+    from imgcls.training import compile_classifier
 
     images = np.random.default_rng(0).integers(0, 255, (6, 4, 4, 3)).astype(np.uint8)
     labels = np.array([0, 1, 2, 0, 1, 2])
@@ -243,7 +244,8 @@ import sys
 import keras, numpy as np
 sys.path.insert(0, "scripts")
 from imgcls import device
-from imgcls.training import AlternatingFlips, ImageBatches, compile_classifier
+from imgcls.batches import AlternatingFlips, ImageBatches
+from imgcls.training import compile_classifier
 
 replicas = device.distribute("auto", {"batch_size": 8})
 rng = np.random.default_rng(0)
@@ -280,18 +282,19 @@ from types import SimpleNamespace
 import keras, numpy as np
 sys.path.insert(0, "scripts")
 from imgcls import training
-from imgcls.modelio import load_keras
+from imgcls.augment import augmentation
+from imgcls.modelio import load_keras, uncompiled_copy
 
 augment = SimpleNamespace(flip="horizontal", rotation=0.1, zoom=0.1, translation=0.1, contrast=0.1,
                           interpolation="nearest")
 inputs = keras.Input((8, 8, 3))
-x = training.augmentation(augment, seed=0)(inputs)
+x = augmentation(augment, seed=0)(inputs)
 x = keras.layers.Rescaling(1 / 255)(keras.layers.Flatten()(x))
 model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
 training.compile_classifier(model, "sgd")
 rng = np.random.default_rng(0)
 model.fit(rng.integers(0, 255, (16, 8, 8, 3)).astype("uint8"), np.arange(16) % 3, epochs=1, verbose=0)
-copy = training.uncompiled_copy(model)  # saved as the trainers save: without the optimizer
+copy = uncompiled_copy(model)  # saved as the trainers save: without the optimizer
 copy.save(sys.argv[1])
 plain = keras.layers.RandomTranslation(0.1, 0.1)
 print(plain.supports_jit, model.jit_compile, copy.jit_compile, load_keras(sys.argv[1]).jit_compile)

@@ -44,10 +44,10 @@ def inspect_saved_cnn(root) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-# --- imgcls.training -------------------------------------------------------------------------------------------
+# --- batches, optim, augment -----------------------------------------------------------------------------------
 
 def test_image_batches_cover_every_image_once_per_epoch_in_a_seeded_order():
-    from imgcls.training import ImageBatches
+    from imgcls.batches import ImageBatches
 
     images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(3, axis=3)
     labels = np.arange(10) % 3
@@ -72,7 +72,7 @@ def test_image_batches_cover_every_image_once_per_epoch_in_a_seeded_order():
 def test_image_batches_reach_the_model_in_order_through_two_worker_threads():
     import keras
 
-    from imgcls.training import ImageBatches
+    from imgcls.batches import ImageBatches
 
     # Each image holds its own index; a model that only flattens shows the order Keras delivered them in.
     images = np.arange(60, dtype=np.uint8).reshape(60, 1, 1, 1).repeat(3, axis=3)
@@ -84,7 +84,7 @@ def test_image_batches_reach_the_model_in_order_through_two_worker_threads():
 
 
 def test_image_batches_for_prediction_and_with_class_weights():
-    from imgcls.training import ImageBatches, class_weights
+    from imgcls.batches import ImageBatches, class_weights
 
     images = np.zeros((5, 2, 2, 3), dtype=np.uint8)
     assert [len(item) for item in (ImageBatches(images, batch_size=2)[2])] == [1]  # (pixels,) only
@@ -104,7 +104,7 @@ def test_image_batches_for_prediction_and_with_class_weights():
 def test_one_cycle_and_cosine_schedules_warm_up_then_decay_to_zero():
     import keras
 
-    from imgcls.training import OneCycle, build_optimizer, learning_rate_schedule
+    from imgcls.optim import OneCycle, build_optimizer, learning_rate_schedule
 
     schedule = OneCycle(peak=0.1, warmup_steps=10, total_steps=100)
     rate = lambda step: float(keras.ops.convert_to_numpy(schedule(step)))  # noqa: E731
@@ -123,7 +123,7 @@ def test_one_cycle_and_cosine_schedules_warm_up_then_decay_to_zero():
 def test_schedules_start_and_end_where_asked():
     import keras
 
-    from imgcls.training import OneCycle, learning_rate_schedule
+    from imgcls.optim import OneCycle, learning_rate_schedule
 
     # airbench's triangle: 0.2 of the peak at the start, the peak at 23%, 0.07 of it at the end.
     schedule = OneCycle(peak=2.0, warmup_steps=23, total_steps=100, start=0.2, end=0.07)
@@ -139,7 +139,7 @@ def test_schedules_start_and_end_where_asked():
 def test_weight_decay_spares_biases_and_offsets_unless_asked(decay_biases):
     import keras
 
-    from imgcls.training import build_optimizer
+    from imgcls.optim import build_optimizer
 
     kernel, bias = keras.Variable(np.ones(3), name="kernel"), keras.Variable(np.ones(3), name="bias")
     offset, scale = keras.Variable(np.ones(3), name="beta"), keras.Variable(np.ones(3), name="gamma")
@@ -174,7 +174,7 @@ def test_a_trainable_whitening_stem_learns_its_offsets_and_keeps_its_filters():
 
 
 def test_alternating_flips_mirror_each_image_on_every_other_epoch():
-    from imgcls.training import AlternatingFlips
+    from imgcls.batches import AlternatingFlips
 
     # Each image's columns count 0..3, so a mirrored image starts with 3.
     images = np.tile(np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1), (40, 4, 1, 3))
@@ -249,7 +249,7 @@ def test_pool_before_norm_pools_each_block_before_its_batch_norm():
 def test_scaled_rates_multiply_the_learning_rate_of_the_named_variables(name):
     import keras
 
-    from imgcls.training import build_optimizer
+    from imgcls.optim import build_optimizer
 
     plain, fast = keras.Variable(np.zeros(3), name="kernel"), keras.Variable(np.zeros(3), name="beta")
     optimizer = build_optimizer(name, 0.1, "constant", epochs=1, steps_per_epoch=1, rate_scales={fast.path: 64.0})
@@ -266,7 +266,8 @@ def test_scaled_rates_multiply_the_learning_rate_of_the_named_variables(name):
 def test_a_ramped_average_follows_the_weights_early_and_averages_late(name):
     import keras
 
-    from imgcls.training import build_optimizer
+    from imgcls.keras_internals import weight_averages
+    from imgcls.optim import build_optimizer
 
     def averages(ramp: float) -> list[float]:
         """The moving average after each of 10 steps of a constant gradient."""
@@ -277,7 +278,7 @@ def test_a_ramped_average_follows_the_weights_early_and_averages_late(name):
         for _ in range(10):
             optimizer.apply([keras.ops.ones(1)], [weight])
             path.append((float(keras.ops.convert_to_numpy(weight)[0]),
-                         float(keras.ops.convert_to_numpy(optimizer._model_variables_moving_average[0])[0])))
+                         float(keras.ops.convert_to_numpy(weight_averages(optimizer)[0])[0])))
         return path
 
     constant, ramped = averages(0.0), averages(2.0)
@@ -295,7 +296,7 @@ def test_a_ramped_average_follows_the_weights_early_and_averages_late(name):
 
 def test_augmentation_resamples_whole_pixels_with_nearest():
     from imgcls.params import AugmentParams
-    from imgcls.training import augmentation
+    from imgcls.augment import augmentation
 
     shifts = AugmentParams(flip="none", rotation=0, zoom=0, translation=0.25, contrast=0, interpolation="nearest")
     image = np.arange(16 * 16 * 3, dtype="float32").reshape(1, 16, 16, 3)
@@ -306,7 +307,7 @@ def test_augmentation_resamples_whole_pixels_with_nearest():
 
 def test_augmentation_leaves_out_changes_set_to_zero():
     from imgcls.params import AugmentParams
-    from imgcls.training import augmentation
+    from imgcls.augment import augmentation
 
     off = AugmentParams(flip="none", rotation=0, zoom=0, translation=0, contrast=0, interpolation="bilinear")
     assert [type(layer).__name__ for layer in augmentation(off, seed=0).layers] == ["Identity"]
@@ -565,7 +566,7 @@ def test_a_training_that_never_has_finite_losses_says_to_lower_the_learning_rate
     import keras
 
     from imgcls.errors import UserError
-    from imgcls.training import KeepBest
+    from imgcls.callbacks import KeepBest
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
     best = KeepBest("val_accuracy")

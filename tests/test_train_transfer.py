@@ -18,6 +18,7 @@ import pytest
 from conftest import TINY_TRANSFER
 from imgcls import transfer
 from imgcls.errors import UserError
+from imgcls.transfer_training import compute_features
 
 TINY = TINY_TRANSFER
 
@@ -98,7 +99,7 @@ def test_classifier_turns_raw_pixels_into_probabilities_and_features_match_it():
     pixels = np.random.default_rng(1).integers(0, 256, size=(5, 40, 40, 3)).astype("uint8")
     probabilities = classifier.predict(pixels.astype("float32"), verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
-    features = transfer.compute_features(transfer.feature_extractor("ResNet50", base, 40, 32), pixels, batch_size=2)
+    features = compute_features(transfer.feature_extractor("ResNet50", base, 40, 32), pixels, batch_size=2)
     np.testing.assert_allclose(head.predict(features, verbose=0), probabilities, rtol=1e-4, atol=1e-6)
 
 
@@ -133,7 +134,7 @@ def test_real_imagenet_weights_give_a_linear_probe_far_above_chance():
                 labels.append(label)
     pixels, labels = np.stack(pixels), np.array(labels)
     base = transfer.build_base("MobileNetV2", 96, "imagenet")
-    features = transfer.compute_features(transfer.feature_extractor("MobileNetV2", base, 96, 96), pixels)
+    features = compute_features(transfer.feature_extractor("MobileNetV2", base, 96, 96), pixels)
     train = np.arange(len(labels)) % 3 != 0  # 8 photos per class to fit, 4 to score
     probe = LogisticRegression(max_iter=2000).fit(features[train], labels[train])
     accuracy = probe.score(features[~train], labels[~train])

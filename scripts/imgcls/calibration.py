@@ -7,8 +7,8 @@ the probabilities become softmax(log(p) / T), with the T that minimises the
 log loss on the validation split. T > 1 softens over-confident outputs, T < 1
 sharpens timid ones; the most probable class never changes, so accuracy does
 not either. Each trainer fits T and saves it inside the model as a small
-`Temperature` layer (plain Keras ops, so the model still loads in safe_mode and
-converts to TFLite), and records it in the model card.
+`Temperature` layer (imgcls/layers.py: plain Keras ops, so the model still
+loads in safe_mode and converts to TFLite), and records it in the model card.
 
 The card also records the confidence threshold that keeps `target_coverage`
 of the validation photos (predict_new.min_confidence: auto): below it a
@@ -24,26 +24,12 @@ import math
 import keras
 import numpy as np
 import pandas as pd
+from scipy.optimize import minimize_scalar
+
+from imgcls.batches import predict
+from imgcls.layers import SMALLEST_PROBABILITY, Temperature
 
 CALIBRATION_BINS = 15
-# Probabilities are clipped here before the log, in the layer and in numpy alike.
-SMALLEST_PROBABILITY = 1e-12
-
-
-@keras.saving.register_keras_serializable(package="imgcls")
-class Temperature(keras.layers.Layer):
-    """Softmax probabilities rescaled by a fitted temperature: softmax(log(p) / temperature)."""
-
-    def __init__(self, temperature: float = 1.0, **kwargs):
-        super().__init__(**kwargs)
-        self.temperature = float(temperature)
-
-    def call(self, probabilities):
-        logits = keras.ops.log(keras.ops.maximum(probabilities, SMALLEST_PROBABILITY))
-        return keras.ops.softmax(logits / self.temperature, axis=-1)
-
-    def get_config(self):
-        return {**super().get_config(), "temperature": self.temperature}
 
 
 def rescale(probabilities: np.ndarray, temperature: float) -> np.ndarray:
@@ -61,8 +47,6 @@ def log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """The temperature (0.05 to 20) that minimises the log loss of the rescaled probabilities."""
-    from scipy.optimize import minimize_scalar
-
     result = minimize_scalar(lambda log_t: log_loss(rescale(probabilities, math.exp(log_t)), labels),
                              bounds=(math.log(0.05), math.log(20.0)), method="bounded", options={"xatol": 1e-4})
     return round(math.exp(result.x), 4)
@@ -115,14 +99,12 @@ def calibrate(model: keras.Model, card: dict, batches, labels: np.ndarray,
               target_coverage: float) -> tuple[keras.Model, dict]:
     """Fit the temperature on the validation split; return the model with it and the card recording it.
 
-    `batches` are the validation images (training.ImageBatches, split like the
+    `batches` are the validation images (batches.ImageBatches, split like the
     training's), `labels` their classes. The card gets the temperature, the
     validation log loss and ECE before and after, and the confidence threshold
     that keeps `target_coverage` of the validation photos with the calibrated
     probabilities.
     """
-    from imgcls.training import predict
-
     probabilities = predict(model, batches)
     temperature = fit_temperature(probabilities, labels)
     calibrated_model = with_temperature(model, temperature)

@@ -27,8 +27,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import keras
 import numpy as np
 
+from imgcls import keras_internals
 from imgcls.dataset import atomic_path
 
 CHECKPOINTS_DIR = Path(".checkpoints")
@@ -102,16 +104,13 @@ class TrainingState:
 
     def callback(self, phase: str, log, best, early_stopping=None):
         """A Keras callback that saves the state after each epoch of `phase` (put it last in the list)."""
-        import keras
-
         state = self
 
         class SaveEachEpoch(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
                 # EarlyStopping resets its count when fit starts; a resumed phase carries on with it.
                 if early_stopping is not None and state.resumed_phase == phase:
-                    for key, value in state.saved["meta"]["early_stopping"].items():
-                        setattr(early_stopping, key, value)
+                    keras_internals.restore_early_stopping(early_stopping, state.saved["meta"]["early_stopping"])
 
             def on_epoch_end(self, epoch, logs=None):
                 state.save(phase, epoch + 1, self.model, log, best, early_stopping)
@@ -129,9 +128,8 @@ class TrainingState:
             "stopped": bool(model.stop_training),
             "log": log.state(),
             "best": best.state(),
-            "early_stopping": None if early_stopping is None else {
-                "wait": int(early_stopping.wait), "best": float(early_stopping.best),
-                "best_epoch": int(early_stopping.best_epoch)},
+            "early_stopping": (None if early_stopping is None
+                               else keras_internals.early_stopping_state(early_stopping)),
         }
         arrays = {**_numbered_arrays("model", model.variables),
                   **_numbered_arrays("optimizer", model.optimizer.variables),
@@ -148,8 +146,6 @@ class TrainingState:
 
 
 def _numbered_arrays(prefix: str, variables) -> dict:
-    import keras
-
     return {f"{prefix}_{index}": keras.ops.convert_to_numpy(variable.value)
             for index, variable in enumerate(variables)}
 

@@ -22,7 +22,7 @@ Three more come from airbench's ablations (Jordan, github.com/KellerJordan/cifar
 - batch_norm_momentum: how slowly the running statistics follow the weights;
 - batch_norm_scale: false keeps the batch-norm scales fixed at 1;
 - batch_norm_epsilon: what batch norm adds to the variance (airbench: 1e-12);
-- batch_norm_bias_lr_scale (see batch_norm_bias_rates and training.build_optimizer);
+- batch_norm_bias_lr_scale (see batch_norm_bias_rates and optim.build_optimizer);
 - conv_init_scale: the size of the convolutions' random start. Batch norm
   makes a convolution's output blind to the scale of its kernel, so each
   step changes the kernel's direction by about learning rate / norm**2: a
@@ -34,7 +34,7 @@ Three more come from airbench's ablations (Jordan, github.com/KellerJordan/cifar
 import keras
 import numpy as np
 
-from imgcls.training import augmentation
+from imgcls.augment import augmentation
 
 WHITEN_KERNEL = 2
 WHITEN_SAMPLE_IMAGES = 5000  # enough for a stable 12x12 covariance; a fixed number keeps it cheap and seeded

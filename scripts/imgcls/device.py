@@ -198,12 +198,14 @@ def compile_on_jax(model):
     """
     import keras
 
+    from imgcls import keras_internals
+
     if keras.backend.backend() == "jax":
         pending = [model]
         while pending:
             layer = pending.pop()
             if isinstance(layer, (keras.layers.RandomRotation, keras.layers.RandomZoom, keras.layers.RandomTranslation)):
-                layer.supports_jit = True
+                keras_internals.allow_jit(layer)
             pending.extend(getattr(layer, "layers", []))
         if isinstance(model, keras.Model):
             # Loading reads every attribute, so a loaded model has already settled on False: ask again.

@@ -22,25 +22,22 @@ trains needs no backward pass and counts once.
 from typing import NamedTuple
 
 import keras
-from keras.src.ops.function import make_node_key  # how a Functional names the calls (nodes) that belong to it
 
 from imgcls.dataset import load_manifest
+from imgcls.keras_internals import calls_in_graph
+from imgcls.transfer import augmentation_is_off, first_trainable_layer
 
 TRAINING_PASSES = 3  # forward + backward (gradients of the activations and of the weights)
 
 
 def layer_flops(model) -> list[tuple[object, int]]:
     """[(layer, forward FLOPs per image over all its calls in `model`)] for each of `model`'s own layers."""
-    graph = getattr(model, "_functional", None) or model  # a built Sequential keeps its graph as a Functional
-    in_graph = getattr(graph, "_nodes", None)
     counts = []
-    for layer in model.layers:
-        calls = [node for index, node in enumerate(layer._inbound_nodes)
-                 if in_graph is None or make_node_key(layer, index) in in_graph]
+    for layer, calls in calls_in_graph(model):
         if isinstance(layer, keras.Model):
             total = forward_flops(layer) * len(calls)
         else:
-            total = sum(_call_flops(layer, node) for node in calls)
+            total = sum(_call_flops(layer, call) for call in calls)
         counts.append((layer, total))
     return counts
 
@@ -58,8 +55,8 @@ def _positions(shape) -> int:
     return product
 
 
-def _call_flops(layer, node) -> int:
-    inputs, outputs = node.input_tensors, node.output_tensors
+def _call_flops(layer, call) -> int:
+    inputs, outputs = call
     if not inputs or not outputs:
         return 0
     input_shape, output_shape = inputs[0].shape, outputs[0].shape
@@ -129,8 +126,6 @@ def transfer_flops(section, base, head, classifier, log, train_images: int, val_
     _head_phase_flops and _fine_tune_phase_flops say. The epochs of each phase
     are read from `log` (its phases and rows), so early stopping is accounted for.
     """
-    from imgcls.transfer import augmentation_is_off
-
     fine_tune = section.fine_tune.epochs > 0
     flops = _pass_flops(section, base, head, classifier, fine_tune)
     head_epochs, fine_tune_epochs = _phase_epochs(log)
@@ -156,8 +151,6 @@ def transfer_flops(section, base, head, classifier, log, train_images: int, val_
 
 def _pass_flops(section, base, head, classifier, fine_tune: bool) -> PassFlops:
     """The forward cost of each part; without fine-tuning the whole base is the bottom."""
-    from imgcls.transfer import first_trainable_layer
-
     first = first_trainable_layer(base, section.fine_tune.unfreeze) if fine_tune else len(base.layers)
     per_layer = [count for _, count in layer_flops(base)]
     return PassFlops(bottom=sum(per_layer[:first]), top=sum(per_layer[first:]), head=forward_flops(head),
@@ -174,8 +167,6 @@ def _phase_epochs(log) -> tuple[int, int]:
 def _cache_flops(flops: PassFlops, fine_tune, train_images: int, val_images: int) -> tuple[int, int]:
     """(training, validation) FLOPs of caching phase 2's inputs: the bottom over every cached version
     of the training images (the plain one, and each augmented copy), and once over the validation images."""
-    from imgcls.transfer import augmentation_is_off
-
     versions = 1 + (fine_tune.cached_copies if not augmentation_is_off(fine_tune.augment) else 0)
     return flops.bottom * train_images * versions, flops.bottom * val_images
 

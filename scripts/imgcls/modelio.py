@@ -12,6 +12,10 @@ A model is two files under models/:
                 the temperature and the `unknown` confidence threshold.
 Both are written atomically, so an interrupted stage never leaves a model
 that a later stage would load.
+
+Keras is imported only inside the functions that load a .keras file: serving
+an exported model (runtimes.py) reads the cards through this module without
+Keras installed.
 """
 
 import json
@@ -19,6 +23,7 @@ import os
 from pathlib import Path
 
 from imgcls.dataset import MODELS_DIR, atomic_path, load_class_names
+from imgcls.device import compile_on_jax
 from imgcls.errors import UserError
 
 MODEL_NAMES = ("cnn", "transfer")
@@ -40,6 +45,24 @@ def save_model(model, name: str, card: dict) -> None:
         model.save(temporary)
     with atomic_path(card_path(name)) as temporary:
         temporary.write_text(json.dumps(card, indent=2) + "\n")
+
+
+def uncompiled_copy(model):
+    """The same architecture and weights, with no optimizer, loss or learning-rate schedule attached."""
+    # from_config (unlike clone_model) carries no compile settings over.
+    clone = compile_on_jax(model.__class__.from_config(model.get_config()))
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def save_trained_model(model, name: str, card: dict) -> None:
+    """Save models/<name>.keras (+ card) atomically, without optimizer state.
+
+    The weights are copied into a fresh, uncompiled copy: the saved file then
+    holds no optimizer (smaller, and it loads without the training code's
+    custom learning-rate schedule), only what prediction needs.
+    """
+    save_model(uncompiled_copy(model), name, card)
 
 
 def load_card(model_file: Path | str) -> dict:
@@ -75,10 +98,10 @@ def check_card(model_file: Path, card: dict, outputs: int, check_classes: bool) 
 
 def load_keras(model_file: Path | str):
     """keras.saving.load_model in safe_mode, with the project's own layers registered first."""
+    # Imported here, not at the top: the serving path must run without Keras (see the module docstring).
     import keras
 
-    import imgcls.calibration  # noqa: F401  (registers the Temperature layer the trainers add)
-    from imgcls.device import compile_on_jax
+    import imgcls.layers  # noqa: F401  (registers the Temperature layer the trainers add)
 
     # safe_mode refuses models that would run arbitrary Python code (Lambda layers) on load.
     return compile_on_jax(keras.saving.load_model(model_file, safe_mode=True))

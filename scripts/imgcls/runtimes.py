@@ -32,7 +32,7 @@ class OnnxRuntime:
     """An ONNX file (written by `export`) run by onnxruntime on the CPU."""
 
     def __init__(self, model_file: Path):
-        import onnxruntime
+        import onnxruntime  # imported here: only an .onnx file needs it (a .tflite server may lack it)
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # warnings about unused initialisers are noise here
@@ -48,7 +48,7 @@ class LiteRtRuntime:
     """A TFLite file (written by `export`) run by LiteRT, TensorFlow Lite's standalone interpreter."""
 
     def __init__(self, model_file: Path):
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter  # imported here: only a .tflite file needs LiteRT
 
         self.interpreter = Interpreter(model_path=str(model_file), num_threads=os.cpu_count())
         self.input_index = self.interpreter.get_input_details()[0]["index"]

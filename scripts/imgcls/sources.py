@@ -128,7 +128,7 @@ def _write_cifar10(archive: Path, destination: Path) -> None:
 
 
 def _write_digits(destination: Path) -> None:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # imported here: only this source needs scikit-learn
 
     digits = load_digits()
     for position, (image, label) in enumerate(zip(digits.images, digits.target)):

@@ -14,13 +14,13 @@ Normalization), never a Lambda: the saved model must load with safe_mode and
 run on any backend, so the model file alone turns 0..255 pixels into
 predictions.
 
-What a frozen part of the network computes never changes, so it is computed
-once per image and reused across epochs: the pooled features for the head
-(phase 1), and the activations below the fine-tuned layers (phase 2), for
-each image and a few augmented copies of it.
+build_networks puts the base, the new head and the saved classifier
+together; the sub-models below (split_base, pooled_top, top_classifier) are
+what the two training phases run (transfer_training.py).
 """
 
 import dataclasses
+import importlib
 import os
 import warnings
 from pathlib import Path
@@ -28,8 +28,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from imgcls.augment import augmentation
 from imgcls.errors import UserError
-from imgcls.training import ImageBatches
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 EFFICIENTNET_WEIGHTS_URL = "https://storage.googleapis.com/keras-applications/"
@@ -113,8 +113,6 @@ def resolve_input_size(name: str, input_size: int) -> int:
 
 def preprocess_input(name: str, pixels):
     """The base's own `keras.applications` preprocessing, for checking the layers below against it."""
-    import importlib
-
     module = importlib.import_module(f"keras.applications.{get_base(name).module}")
     return module.preprocess_input(np.array(pixels, dtype="float32", copy=True))
 
@@ -237,46 +235,6 @@ def input_pipeline(name: str, image_size: int, input_size: int):
     return keras.Sequential(layers, name="base_input")
 
 
-def compute_features(extractor, inputs, batch_size: int = 64, transform=None, replicas: int = 1):
-    """Run `extractor` over every image, one batch at a time (the float copy of all images never exists).
-
-    `inputs` is one array or a list of arrays (a model with several inputs);
-    the result is likewise one float32 array or a list, per model output.
-    `transform(batch)` is applied to each uint8 batch first (e.g. augmented_copy).
-    Split across `replicas` devices, a last batch that does not divide by their
-    number is padded with copies of its first images, whose results are dropped.
-    """
-    arrays = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-    batch_size = -(-batch_size // replicas) * replicas
-    outputs = None
-    for start in range(0, len(arrays[0]), batch_size):
-        batch = [np.asarray(array[start:start + batch_size]) for array in arrays]
-        if transform is not None:
-            batch = [transform(part) for part in batch]
-        real = len(batch[0])
-        if real % replicas:
-            batch = [np.concatenate([part, np.resize(part, (-real % replicas, *part.shape[1:]))]) for part in batch]
-        batch = [part.astype("float32") for part in batch]
-        result = extractor.predict_on_batch(batch if len(batch) > 1 else batch[0])
-        result = [np.asarray(part, dtype="float32")[:real]
-                  for part in (result if isinstance(result, (list, tuple)) else [result])]
-        outputs = [[] for _ in result] if outputs is None else outputs
-        for collected, part in zip(outputs, result):
-            collected.append(part)
-    if outputs is None:
-        raise ValueError("compute_features needs at least one image")
-    joined = [np.concatenate(parts) for parts in outputs]
-    return joined if len(joined) > 1 or isinstance(extractor.output, (list, tuple)) else joined[0]
-
-
-def augmented_copy(augment, seed: int):
-    """A transform for compute_features: one random draw of an augmentation section per image (training mode)."""
-    from imgcls.training import augmentation
-
-    layers = augmentation(augment, seed)
-    return lambda batch: np.asarray(layers(batch.astype("float32"), training=True))
-
-
 def split_base(base, first: int):
     """(bottom, top) sub-models of the base, cut before layer `first`; they share the base's layers.
 
@@ -297,35 +255,6 @@ def split_base(base, first: int):
     bottom = keras.Model(base.input, crossing, name=f"{base.name}_bottom")
     top = keras.Model(crossing, base.output, name=f"{base.name}_top")
     return bottom, top
-
-
-class CachedBatches(ImageBatches):
-    """Batches of precomputed activations, each image drawn at random from one of its versions.
-
-    `versions` is a list (one entry per version of the images: plain, then
-    augmented copies) of lists of arrays (one per model input). Each epoch
-    draws a new order and, per image, a version, from (seed, epoch), so a rerun
-    sees the same batches.
-    """
-
-    def __init__(self, versions, labels, num_classes: int, batch_size: int, **options):
-        self.versions = versions
-        super().__init__(versions[0][0], labels, num_classes, batch_size, **options)
-
-    def _order(self) -> np.ndarray:
-        self.version = np.random.default_rng([self.seed, self.epoch, 1]).integers(0, len(self.versions),
-                                                                                 size=len(self.labels))
-        return super()._order()
-
-    def inputs(self, picked: np.ndarray):
-        inputs = []
-        for position in range(len(self.versions[0])):
-            batch = self.versions[0][position][picked].copy()
-            for number in range(1, len(self.versions)):
-                chosen = self.version[picked] == number
-                batch[chosen] = self.versions[number][position][picked[chosen]]
-            inputs.append(batch)
-        return tuple(inputs) if len(inputs) > 1 else inputs[0]
 
 
 def as_list(arrays) -> list:
@@ -379,14 +308,36 @@ def build_classifier(name: str, base, head, image_size: int, input_size: int):
     return keras.Model(inputs, head(pooled), name=f"transfer_{name}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """The frozen base, the new head and the saved classifier (pixels → base → head), which share layers."""
+
+    base: keras.Model
+    head: keras.Model
+    classifier: keras.Model
+    fine_tune: bool  # whether phase 2 runs
+    first_trainable: int  # the first base layer phase 2 trains (len(base.layers) without phase 2)
+    image_size: int  # the side of the stored images the classifier takes
+    input_size: int  # the side of the images the base takes
+
+
+def build_networks(section, num_classes: int, image_size: int, input_size: int) -> Networks:
+    """The networks of a train_transfer params section, the base frozen (phase 1 trains the head alone)."""
+    base = build_base(section.base, input_size, section.weights)
+    base.trainable = False
+    head = build_head(base.output_shape[-1], num_classes, section.dense_units, section.dropout)
+    classifier = build_classifier(section.base, base, head, image_size, input_size)
+    fine_tune = section.fine_tune.epochs > 0
+    first = first_trainable_layer(base, section.fine_tune.unfreeze) if fine_tune else len(base.layers)
+    return Networks(base, head, classifier, fine_tune, first, image_size, input_size)
+
+
 def augmentation_is_off(augment) -> bool:
     return augment.flip == "none" and not (augment.rotation or augment.zoom or augment.translation or augment.contrast)
 
 
 def with_augmentation(classifier, augment, seed: int, image_size: int):
     """The classifier behind random augmentation layers (active only in training); shares its weights."""
-    from imgcls.training import augmentation
-
     if augmentation_is_off(augment):
         return classifier
     inputs = keras.Input((image_size, image_size, 3), name="pixels")

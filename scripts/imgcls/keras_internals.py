@@ -1,0 +1,79 @@
+"""Every use of a private Keras name, in one place: what a Keras upgrade may break.
+
+The rest of the project uses public `keras.*` APIs only. What follows reaches
+inside Keras where no public API gives what is needed; above each use, one
+line says why. tests/test_keras_internals.py checks each of them against the
+installed Keras and fails with a message naming what changed, so an upgrade
+that breaks one stops there rather than quietly changing a result.
+"""
+
+import keras
+# No public API tells which calls (nodes) of a layer belong to a model's graph: a Functional keys them so.
+from keras.src.ops.function import make_node_key
+
+
+def calls_in_graph(model) -> list[tuple[object, list[tuple[list, list]]]]:
+    """[(layer, [(input tensors, output tensors) of each of its calls in `model`])] for each of `model`'s layers.
+
+    A layer called several times in `model` has several calls (nodes); a layer
+    shared with another model also has that model's calls, which are left out.
+    A subclassed model has no graph: then every call of its layers counts.
+    """
+    # A built Sequential keeps its graph in a private Functional; no public attribute exposes it.
+    graph = getattr(model, "_functional", None) or model
+    # A Functional's set of node keys is private; only it separates this model's calls from other models'.
+    in_graph = getattr(graph, "_nodes", None)
+    # A layer's calls (its inbound nodes, each with its input and output tensors) have no public accessor.
+    return [(layer, [(node.input_tensors, node.output_tensors) for index, node in enumerate(layer._inbound_nodes)
+                     if in_graph is None or make_node_key(layer, index) in in_graph])
+            for layer in model.layers]
+
+
+def variable_index(optimizer, variable) -> int:
+    """The position of a trainable `variable` in `optimizer`'s own variable lists."""
+    # update_step is handed a variable, not its index; the optimizer's lookup of the index is private.
+    return optimizer._get_variable_index(variable)
+
+
+def weight_averages(optimizer) -> list:
+    """The optimizer's moving averages of the trainable variables (use_ema), in their order."""
+    # The averages that use_ema keeps are stored under a private name; no public property returns them.
+    return optimizer._model_variables_moving_average
+
+
+class MovingAverageUpdate:
+    """Optimizer mixin: each step's update of the weight average (use_ema) is `update_weight_averages`.
+
+    A subclass defines update_weight_averages(trainable_variables, averages).
+    """
+
+    # Keras updates the average in this private method and offers no public hook to change how.
+    def _update_model_variables_moving_average(self, trainable_variables):
+        if self.use_ema:
+            self.update_weight_averages(trainable_variables, weight_averages(self))
+
+
+def set_averaged_weights_in_model(callback: keras.callbacks.SwapEMAWeights) -> None:
+    """Tell SwapEMAWeights that the averaged weights are in the model now (a resumed run put them there)."""
+    # SwapEMAWeights keeps which weights the model holds in a private flag, and has no public way to set it.
+    callback._ema_weights_in_model = True
+
+
+def allow_jit(layer) -> None:
+    """Let Keras compile the steps of a model holding `layer` (see device.compile_on_jax)."""
+    # Keras reads this undocumented layer attribute to decide whether a model can be compiled; no public API sets it.
+    layer.supports_jit = True
+
+
+def early_stopping_state(early_stopping: keras.callbacks.EarlyStopping) -> dict:
+    """What EarlyStopping counts between epochs: epochs without improvement, the best value and its epoch."""
+    # EarlyStopping exposes no public state to save; these undocumented attributes are its whole count.
+    return {"wait": int(early_stopping.wait), "best": float(early_stopping.best),
+            "best_epoch": int(early_stopping.best_epoch)}
+
+
+def restore_early_stopping(early_stopping: keras.callbacks.EarlyStopping, state: dict) -> None:
+    """Put back an early_stopping_state, after fit's on_train_begin has reset the count."""
+    # EarlyStopping has no public way to carry its count over into another fit; these attributes are that count.
+    for key, value in state.items():
+        setattr(early_stopping, key, value)

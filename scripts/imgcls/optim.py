@@ -1,0 +1,173 @@
+"""Optimizers and learning-rate schedules: warm-up and decay, per-variable rates, a moving average of the weights."""
+
+import keras
+
+from imgcls import keras_internals
+
+# Where a warm-up starts, as a fraction of the peak learning rate, unless a trainer says otherwise.
+WARMUP_START = 1 / 25
+
+
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear ramp from peak x start to the peak over `warmup_steps`, then linear decay to peak x end at `total_steps`.
+
+    A short ramp keeps early steps of a freshly initialised network stable; the
+    long linear decay is what lets a few epochs converge. By default the ramp
+    starts at 1/25 of the peak and the decay ends at 0; airbench starts at 0.2
+    and ends at 0.07.
+    """
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, start: float = WARMUP_START,
+                 end: float = 0.0):
+        self.peak = float(peak)
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.start = float(start)
+        self.end = float(end)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        start, end = self.peak * self.start, self.peak * self.end
+        warmup = max(self.warmup_steps, 1)
+        rising = start + (self.peak - start) * step / warmup
+        falling = end + (self.peak - end) * (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
+        rate = keras.ops.where(step < self.warmup_steps, rising, falling)
+        return keras.ops.maximum(rate, end)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "start": self.start, "end": self.end}
+
+
+def learning_rate_schedule(learning_rate: float, schedule: str, epochs: int, steps_per_epoch: int,
+                           warmup_epochs: float = 0.0, start: float = WARMUP_START, end: float = 0.0):
+    """The learning rate as a float ("constant") or a Keras schedule over all training steps.
+
+    "cosine": optional linear warm-up from peak x start, then cosine decay to peak x end;
+    "one_cycle": see OneCycle.
+    """
+    total_steps = max(1, epochs * steps_per_epoch)
+    warmup_steps = min(int(round(warmup_epochs * steps_per_epoch)), total_steps - 1)
+    if schedule == "constant":
+        return learning_rate
+    if schedule == "cosine":
+        if warmup_steps > 0:
+            return keras.optimizers.schedules.CosineDecay(learning_rate * start, total_steps - warmup_steps, alpha=end,
+                                                          warmup_target=learning_rate, warmup_steps=warmup_steps)
+        return keras.optimizers.schedules.CosineDecay(learning_rate, total_steps, alpha=end)
+    if schedule == "one_cycle":
+        return OneCycle(learning_rate, warmup_steps, total_steps, start, end)
+    raise ValueError(f"schedule must be constant, cosine or one_cycle, got {schedule!r}")
+
+
+class ScaledRates:
+    """Optimizer mixin: some variables (by path) learn at a multiple of the learning rate.
+
+    Each step hands those variables' update a learning rate times their
+    factor, on every backend (TensorFlow and JAX both update one variable at a
+    time through update_step). Weight decay is unaffected.
+    """
+
+    def __init__(self, *arguments, rate_scales: dict[str, float], **keywords):
+        super().__init__(*arguments, **keywords)
+        self.rate_scales = dict(rate_scales)
+
+    def build(self, variables):
+        super().build(variables)
+        self.scale_by_index = {keras_internals.variable_index(self, variable): self.rate_scales[variable.path]
+                               for variable in variables if variable.path in self.rate_scales}
+
+    def update_step(self, gradient, variable, learning_rate):
+        scale = self.scale_by_index.get(keras_internals.variable_index(self, variable), 1.0)
+        super().update_step(gradient, variable, learning_rate if scale == 1.0 else learning_rate * scale)
+
+    def get_config(self):
+        return {**super().get_config(), "rate_scales": self.rate_scales}
+
+
+class RampedAverage(keras_internals.MovingAverageUpdate):
+    """Optimizer mixin: the moving average of the weights (use_ema) starts loose and tightens.
+
+    At step t of T its momentum is ema_momentum x (t / T) ** ema_ramp, where
+    Keras keeps it constant. Early on the weights move fast and their past is
+    of little use, so the average (and the lookahead resets to it, when
+    ema_overwrite_frequency is set) follows them closely instead of holding
+    them back; by the end it averages as ema_momentum says. This replaces
+    the one method of Keras' optimizer that updates the average (see
+    keras_internals.MovingAverageUpdate).
+    """
+
+    def __init__(self, *arguments, ema_ramp: float, ema_total_steps: int, **keywords):
+        super().__init__(*arguments, **keywords)
+        self.ema_ramp = float(ema_ramp)
+        self.ema_total_steps = int(ema_total_steps)
+
+    def update_weight_averages(self, trainable_variables, averages):
+        ops = keras.ops
+        progress = ops.minimum(ops.cast(self.iterations, "float32") / max(self.ema_total_steps, 1), 1.0)
+        momentum = self.ema_momentum * ops.power(progress, self.ema_ramp)
+        for variable, average in zip(trainable_variables, averages):
+            if average is not None:
+                weight = ops.cast(momentum, variable.dtype)
+                average.assign(weight * average + (1 - weight) * variable)
+
+    def get_config(self):
+        return {**super().get_config(), "ema_ramp": self.ema_ramp, "ema_total_steps": self.ema_total_steps}
+
+
+class ScaledRatesAdam(ScaledRates, keras.optimizers.Adam):
+    pass
+
+
+class ScaledRatesSGD(ScaledRates, keras.optimizers.SGD):
+    pass
+
+
+class RampedAdam(RampedAverage, ScaledRates, keras.optimizers.Adam):
+    pass
+
+
+class RampedSGD(RampedAverage, ScaledRates, keras.optimizers.SGD):
+    pass
+
+
+def build_optimizer(name: str, learning_rate: float, schedule: str, epochs: int, steps_per_epoch: int,
+                    warmup_epochs: float = 0.0, weight_decay: float = 0.0, rate_scales: dict[str, float] | None = None,
+                    ema_momentum: float = 0.0, ema_every: int = 0, ema_ramp: float = 0.0,
+                    schedule_start: float = WARMUP_START, schedule_end: float = 0.0, decay_biases: bool = False
+                    ) -> keras.optimizers.Optimizer:
+    """An optimizer ("adam" or "sgd" with Nesterov momentum 0.9) with a learning-rate schedule.
+
+    See learning_rate_schedule for the schedules (schedule_start and schedule_end
+    are fractions of the peak). weight_decay is decoupled (AdamW-style: each
+    step shrinks kernels by rate x weight_decay) and spares batch-norm scales,
+    and also biases and batch-norm offsets unless decay_biases. rate_scales ({variable path:
+    factor}) makes those variables learn faster or slower (ScaledRates).
+    ema_momentum > 0 keeps Keras' moving average of the weights (use_ema),
+    which train_phase validates and keeps; ema_every > 0 also resets the
+    weights to it every that many steps; ema_ramp > 0 grows its momentum
+    from 0 over training (RampedAverage).
+    """
+    rate = learning_rate_schedule(learning_rate, schedule, epochs, steps_per_epoch, warmup_epochs,
+                                  schedule_start, schedule_end)
+    decay = weight_decay or None
+    options = {"learning_rate": rate, "weight_decay": decay}
+    if ema_momentum:
+        options.update(use_ema=True, ema_momentum=ema_momentum, ema_overwrite_frequency=ema_every or None)
+    if name not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be adam or sgd, got {name!r}")
+    if name == "sgd":
+        options.update(momentum=0.9, nesterov=True)
+    # The plain Keras classes unless an option needs one of the mixins above.
+    classes = {"adam": (keras.optimizers.Adam, ScaledRatesAdam, RampedAdam),
+               "sgd": (keras.optimizers.SGD, ScaledRatesSGD, RampedSGD)}[name]
+    if ema_momentum and ema_ramp:
+        optimizer = classes[2](rate_scales=rate_scales or {}, ema_ramp=ema_ramp,
+                               ema_total_steps=epochs * steps_per_epoch, **options)
+    elif rate_scales:
+        optimizer = classes[1](rate_scales=rate_scales, **options)
+    else:
+        optimizer = classes[0](**options)
+    if decay:
+        optimizer.exclude_from_weight_decay(var_names=["gamma"] if decay_biases else ["bias", "gamma", "beta"])
+    return optimizer
