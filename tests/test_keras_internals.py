@@ -6,11 +6,14 @@ rate, the averaged weights or a resumed run.
 """
 
 import inspect
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 
+from conftest import REPO, stage_env
 from imgcls import keras_internals
 
 VERSION = f"Keras {keras.__version__}"
@@ -132,3 +135,32 @@ def test_early_stopping_carries_its_count_into_another_fit():
     resumed.on_epoch_end(2, {"val_loss": 3.0})
     assert model.stop_training, f"{VERSION}: EarlyStopping no longer counts on from wait, best and best_epoch"
     assert keras_internals.early_stopping_state(resumed) == {"wait": 2, "best": 1.0, "best_epoch": 0}
+
+
+ASYNC_SAFE_CHECK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import keras
+from imgcls import keras_internals
+
+class PerBatch(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+marked = keras_internals.run_batch_hooks_in_background(type("Marked", (PerBatch,), {}))
+print(keras_internals.dispatches_asynchronously([PerBatch()]), keras_internals.dispatches_asynchronously([marked()]))
+"""
+
+
+def test_a_callback_marked_async_safe_keeps_steps_dispatched_asynchronously():
+    # On JAX, in a process of its own: TensorFlow's Keras backend never dispatches callbacks asynchronously.
+    result = subprocess.run([sys.executable, "-c", ASYNC_SAFE_CHECK, str(REPO / "scripts")], capture_output=True,
+                            text=True, env={**stage_env(), "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    plain, marked = result.stdout.split()[-2:]
+    if plain != "False":
+        pytest.fail(f"{VERSION}: a per-batch hook no longer turns asynchronous dispatch off, or CallbackList's"
+                    " _async_train flag changed meaning; check keras_internals.dispatches_asynchronously")
+    if marked != "True":
+        pytest.fail(f"{VERSION}: CallbackList ignores a callback's async_safe attribute now;"
+                    " keras_internals.run_batch_hooks_in_background needs another way")

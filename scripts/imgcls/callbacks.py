@@ -1,4 +1,4 @@
-"""What a training stage watches epoch by epoch: the best epoch so far (KeepBest), and the curves (TrainingLog)."""
+"""What a training stage watches: the best epoch so far (KeepBest), the curves (TrainingLog), a non-finite loss."""
 
 import math
 import time
@@ -9,10 +9,34 @@ import numpy as np
 import pandas as pd
 from dvclive import Live
 
+from imgcls import keras_internals
 from imgcls.dataset import atomic_path, write_csv
 from imgcls.errors import UserError
 
 MONITOR_MODES = {"val_accuracy": "max", "val_loss": "min"}
+
+
+@keras_internals.run_batch_hooks_in_background
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stop the phase once the loss is NaN or infinite: no later step can recover from it.
+
+    Keras' TerminateOnNaN does the same, but its per-batch hook makes every step
+    wait for the host to read its loss. This one runs on Keras' callback thread
+    while the next steps are already dispatched, so it stops the phase a few
+    steps after the bad one, still within the epoch.
+    """
+
+    def set_model(self, model):
+        super().set_model(model)
+        # Kept apart from `self.model`: on JAX, reading that property copies the training state into the
+        # model's variables, which from the callback thread would race with the steps being run.
+        self.trained_model = model
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss) and not self.trained_model.stop_training:
+            print(f"batch {batch + 1}: the loss is {loss}; stopping this phase (lower the learning rate?)")
+            self.trained_model.stop_training = True
 
 
 class KeepBest(keras.callbacks.Callback):

@@ -77,3 +77,20 @@ def restore_early_stopping(early_stopping: keras.callbacks.EarlyStopping, state:
     # EarlyStopping has no public way to carry its count over into another fit; these attributes are that count.
     for key, value in state.items():
         setattr(early_stopping, key, value)
+
+
+def run_batch_hooks_in_background(callback_class: type) -> type:
+    """Mark a callback class whose per-batch hooks may run on Keras' callback thread (class decorator).
+
+    Without the mark, any callback with a per-batch hook makes fit wait for every
+    step to finish and copy its loss to the host before the next one starts.
+    """
+    # Keras reads this undocumented class attribute to keep dispatching steps asynchronously; no public API sets it.
+    callback_class.async_safe = True
+    return callback_class
+
+
+def dispatches_asynchronously(callbacks: list) -> bool:
+    """Whether fit with these callbacks dispatches training steps without waiting on the host after each one."""
+    # The decision is a private flag of the CallbackList that fit builds; no public API reports it.
+    return bool(keras.callbacks.CallbackList(callbacks)._async_train)

@@ -29,7 +29,7 @@ import numpy as np
 
 from imgcls import checkpoint, device, keras_internals
 from imgcls.batches import ImageBatches
-from imgcls.callbacks import KeepBest, TrainingLog
+from imgcls.callbacks import KeepBest, StopOnNonFiniteLoss, TrainingLog
 from imgcls.dataset import CLASSES_FILE, MANIFEST_FILE, images_file, write_json
 
 
@@ -155,6 +155,24 @@ def set_precision(mixed_precision: str) -> None:
     keras.config.set_dtype_policy("float32" if mixed_precision == "none" else f"mixed_{mixed_precision}")
 
 
+def phase_callbacks(model: keras.Model, log: TrainingLog, best: KeepBest, patience: int = 0) -> tuple:
+    """The callbacks every phase trains with: (list, its SwapEMAWeights or None, its EarlyStopping or None).
+
+    None of them has a per-batch hook that fit must wait for (the non-finite
+    loss check runs on Keras' callback thread), so steps are dispatched without
+    waiting on the host; tests/test_train_cnn.py checks that.
+    """
+    callbacks = [best, log, StopOnNonFiniteLoss()]
+    early_stopping = swap = None
+    if getattr(model.optimizer, "use_ema", False):  # validate and keep the averaged weights (swapped in first)
+        swap = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
+        callbacks.insert(0, swap)
+    if patience > 0:
+        early_stopping = keras.callbacks.EarlyStopping(monitor=best.monitor, mode=best.mode, patience=patience)
+        callbacks.append(early_stopping)
+    return callbacks, swap, early_stopping
+
+
 def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epochs: int, log: TrainingLog,
                 best: KeepBest, patience: int = 0, state=None, phase: str = "train", verbose: int = 2) -> float:
     """model.fit for one phase with the shared callbacks; returns the training seconds.
@@ -165,15 +183,7 @@ def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epoc
     epoch. Call `best.restore(model)` after the last phase.
     """
     log.start_phase(phase)
-    # TerminateOnNaN: once the loss is NaN no later epoch can recover, so stop at once.
-    callbacks = [best, log, keras.callbacks.TerminateOnNaN()]
-    early_stopping = swap = None
-    if getattr(model.optimizer, "use_ema", False):  # validate and keep the averaged weights (swapped in first)
-        swap = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
-        callbacks.insert(0, swap)
-    if patience > 0:
-        early_stopping = keras.callbacks.EarlyStopping(monitor=best.monitor, mode=best.mode, patience=patience)
-        callbacks.append(early_stopping)
+    callbacks, swap, early_stopping = phase_callbacks(model, log, best, patience)
     first_epoch = 0
     if state is not None:
         first_epoch = state.resume(phase, model, train, log, best)
