@@ -76,9 +76,12 @@ test: setup keras-home
 bench: setup keras-home
 	python tests/benchmark.py
 
-# On a GPU machine: the backend and input-pipeline rows (JAX on every GPU), after setup installed the GPU stack.
+# On a GPU machine: the gear pipeline through evaluate on the GPU (stage times, images/s, pipeline efficiency,
+# a killed stage resumed), with the trained models saved in $(GPU_CHECK_OUT) for
+# `python tests/gpu_check.py --export-check $(GPU_CHECK_OUT)` on a machine with TensorFlow.
+GPU_CHECK_OUT ?= gpu-check
 bench-gpu: setup keras-home
-	python tests/benchmark.py --only device
+	python tests/gpu_check.py --out $(GPU_CHECK_OUT)
 
 # The HTTP API and upload page on http://127.0.0.1:$(PORT)/ (model, host and upload limit from params.yaml).
 PORT ?= 8000

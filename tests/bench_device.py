@@ -7,6 +7,8 @@ For the gear CNN (default params) on a seeded sample of 640 training images:
     - pipeline efficiency: that throughput divided by the images/s of the same
       compiled training step on one batch already on the device (no input
       pipeline at all). 1.0 means the model never waits for its batches.
+    - steps/s with every callback a train_cnn phase runs with, against none
+      (the goal: at least 0.95x; a per-batch hook that waits on the host costs more).
 Then the whole train_transfer stage with each backend. On a GPU machine (`make
 bench-gpu`) the same rows come from JAX on the GPU(s). The CPU model is printed
 beside every figure, since the same epoch can take 10x longer on another CPU.
@@ -43,7 +45,8 @@ def probe(workdir: Path) -> dict:
     device.choose_backend()
     import keras
 
-    from imgcls import training
+    from imgcls import checkpoint, training
+    from imgcls.callbacks import KeepBest, TrainingLog
     from imgcls.cnn import build_cnn
     from imgcls.optim import build_optimizer
 
@@ -56,18 +59,32 @@ def probe(workdir: Path) -> dict:
                                 section.weight_decay)
     training.compile_classifier(model, optimizer, section.label_smoothing, section.jit_compile)
 
-    epoch_seconds = []
+    val = run.batches(pixels[:64], labels[:64], len(class_names), batch_size=64)
 
-    class Clock(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
+    def steps_per_second(callbacks: list) -> float:
+        """Training steps/s over epochs 2 and 3 of a 3-epoch fit (the first compiles), with `callbacks`."""
+        seconds = []
 
-        def on_epoch_end(self, epoch, logs=None):
-            epoch_seconds.append(time.perf_counter() - self.started)
+        class Clock(keras.callbacks.Callback):  # epoch hooks only: it never makes a step wait for the host
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.perf_counter()
 
-    model.fit(train, epochs=3, callbacks=[Clock()], shuffle=False, verbose=0)
+            def on_epoch_end(self, epoch, logs=None):
+                seconds.append(time.perf_counter() - self.started)
+
+        model.fit(train, validation_data=val, epochs=3, callbacks=[*callbacks, Clock()], shuffle=False, verbose=0)
+        return 2 * len(train) / sum(seconds[1:])
+
+    bare = steps_per_second([])
     images_per_epoch = sum(len(train[index][1]) for index in range(len(train)))
-    pipeline = images_per_epoch * 2 / sum(epoch_seconds[1:])
+    pipeline = bare * images_per_epoch / len(train)
+    # The same epochs with every callback a train_cnn phase runs with, its checkpoint included.
+    log, best = TrainingLog(workdir / "reports/bench_callbacks", title="bench"), KeepBest(section.monitor)
+    log.start_phase("train")
+    callbacks, _, early_stopping = training.phase_callbacks(model, log, best, max(section.patience, 1))
+    state = checkpoint.TrainingState("bench_callbacks", "bench")
+    staged = steps_per_second([*callbacks, state.callback("train", log, best, early_stopping)])
+    state.finish()
 
     # The same compiled step on one batch that is already where the step runs.
     batch = train[0]
@@ -85,7 +102,7 @@ def probe(workdir: Path) -> dict:
     keras.ops.convert_to_numpy(model.trainable_variables[0].value)  # wait for the last step to finish
     step = STEP_REPEATS * len(batch[0]) / (time.perf_counter() - started)
     return {"backend": keras.backend.backend(), "device": device.summary(run.device), "pipeline": pipeline,
-            "step": step, "images": len(labels)}
+            "step": step, "images": len(labels), "steps_bare": bare, "steps_with_callbacks": staged}
 
 
 def _probe_with(workdir: Path, backend: str) -> dict:
@@ -108,6 +125,15 @@ def _transfer_stage_seconds(workdir: Path, backend: str) -> tuple[float, float]:
     return seconds, json.loads((workdir / "reports/transfer/train.json").read_text())["val_accuracy"]
 
 
+def callback_cost_row(figures: dict) -> dict:
+    """What the stage's callbacks cost per step: with asynchronous dispatch kept, close to nothing."""
+    return {"benchmark": f"train_cnn steps/s with the stage's callbacks, {figures['backend']}",
+            "value": f"{figures['steps_with_callbacks']:.1f} steps/s",
+            "baseline": f"{figures['steps_bare']:.1f} steps/s (no callbacks)",
+            "ratio": f"{figures['steps_with_callbacks'] / figures['steps_bare']:.2f}x",
+            "note": f"KeepBest, TrainingLog, StopOnNonFiniteLoss, EarlyStopping, checkpoint; {figures['device']}"}
+
+
 def run(workdir: Path) -> list[dict]:
     workdir = Path(workdir)
     from imgcls.device import cpu_model, nvidia_gpus
@@ -116,6 +142,7 @@ def run(workdir: Path) -> list[dict]:
     probes = {backend: _probe_with(workdir, backend) for backend in backends}
     rows = []
     for backend, figures in probes.items():
+        rows.append(callback_cost_row(figures))
         rows.append({
             "benchmark": f"train_cnn epoch throughput, {backend} ({figures['images']} gear images, default CNN)",
             "value": f"{figures['pipeline']:.0f} images/s",

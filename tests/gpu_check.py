@@ -40,7 +40,8 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path[:0] = [str(REPO / "scripts"), str(TESTS)]
 
-from benchmark import environment, make_workdir, print_table  # noqa: E402  (after the path is set)
+from bench_device import callback_cost_row  # noqa: E402  (after the path is set)
+from benchmark import environment, make_workdir, print_table  # noqa: E402
 
 STAGES = ("data", "resize", "split", "train_cnn", "train_transfer", "evaluate")
 TRAINERS = {"train_cnn": "cnn", "train_transfer": "transfer"}
@@ -113,7 +114,7 @@ def efficiency_rows(workdir: Path) -> list[dict]:
     if result.returncode != 0:
         raise SystemExit(f"the device probe failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     probe = json.loads(result.stdout.strip().splitlines()[-1])
-    return [{"benchmark": f"train_cnn epoch throughput, {probe['backend']} ({probe['images']} images)",
+    return [callback_cost_row(probe), {"benchmark": f"train_cnn epoch throughput, {probe['backend']} ({probe['images']} images)",
              "value": f"{probe['pipeline']:.0f} images/s",
              "baseline": f"{probe['step']:.0f} images/s (the compiled step alone, batch on the device)",
              "ratio": f"{probe['pipeline'] / probe['step']:.2f} pipeline efficiency", "note": probe["device"]}]
