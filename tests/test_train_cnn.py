@@ -502,7 +502,7 @@ def test_the_airbench_options_run_on_jax_without_tensorflow(prepared):
 
 
 def test_train_cnn_runs_on_jax_without_tensorflow(prepared):
-    prepared.set_params(**{**TINY, "train_cnn.epochs": 1, "train_cnn.warmup_epochs": 0})
+    prepared.set_params(**{**TINY, "train_cnn.epochs": 1, "train_cnn.optimizer.warmup_epochs": 0})
     result = prepared.stage_on_jax_without_tensorflow("train_cnn")
     assert "backend jax" in result.stdout and "tensorflow modules: []" in result.stdout
     card = read_json(prepared.root / "models/cnn.json")
