@@ -15,9 +15,10 @@ PFLOP) of the same recipe.
 `--cifar-runs` picks what is trained: `preset` (the airbench-style candidate, the default), `previous`
 (presets/cifar10.yaml, the measured preset, as the baseline), or both, in that order. `--candidate
 KEY=VALUE ...` changes the preset's train_cnn params for this run (dotted keys for nested ones), e.g.
-`--candidate activation=gelu batch_norm_epsilon=1e-12`.
+`--candidate net.activation=relu optimizer.learning_rate=0.8`.
 """
 
+import copy
 import json
 import os
 import platform
@@ -70,10 +71,11 @@ def epochs_for_budget(section: dict, budget_flops: float, train_images: int) -> 
 
 def train_and_evaluate(workdir: Path, params: dict, section: dict, budget_pflop: float | None) -> dict:
     """train_cnn then evaluate with this train_cnn section, at the budget; return the figures."""
-    section = dict(section)
+    section = copy.deepcopy(section)
     if budget_pflop:
         epochs, _ = epochs_for_budget(section, budget_pflop * 1e15, training_images(workdir))
-        section["warmup_epochs"] = round(section["warmup_epochs"] * epochs / section["epochs"], 2)
+        optimizer = section["optimizer"]
+        optimizer["warmup_epochs"] = round(optimizer["warmup_epochs"] * epochs / section["epochs"], 2)
         section["epochs"] = epochs
     (workdir / "params.yaml").write_text(yaml.safe_dump({**params, "train_cnn": section}, sort_keys=False))
     stage_seconds = run([sys.executable, "scripts/train_cnn.py"], workdir)
@@ -83,7 +85,7 @@ def train_and_evaluate(workdir: Path, params: dict, section: dict, budget_pflop:
     return {"accuracy": test["accuracy"], "epochs": trained["epochs_run"], "fit_seconds": trained["train_seconds"],
             "stage_seconds": stage_seconds, "training_flops": trained["training_flops"],
             "forward_flops": trained["forward_flops_per_image"], "val_accuracy": trained["val_accuracy"],
-            "filters": section["filters"], "batch_size": section["batch_size"]}
+            "filters": section["net"]["filters"], "batch_size": section["batch_size"]}
 
 
 def describe(result: dict) -> str:

@@ -29,23 +29,27 @@ from benchmark import with_overrides
 # The seeds' "conv-pool-conv-pool-dense" network, expressed in train_cnn params.
 BASELINE = {
     "input_size": 64,
-    "stem": "none",
-    "filters": [32, 64],
-    "convs_per_block": 1,
-    "pool_after": "last",
-    "batch_norm": False,
-    "activation": "relu",
-    "pooling": "flatten",
-    "dense_units": [128],
-    "dropout": 0.0,
-    "output_scale": 1.0,
-    "augment": {"flip": "none", "rotation": 0.0, "zoom": 0.0, "translation": 0.0, "contrast": 0.0,
-                "interpolation": "bilinear"},
-    "optimizer": "adam",
-    "learning_rate": 0.001,
-    "schedule": "constant",
-    "warmup_epochs": 0,
-    "weight_decay": 0.0,
+    "net.stem": "none",
+    "net.filters": [32, 64],
+    "net.convs_per_block": 1,
+    "net.pool_after": "last",
+    "net.batch_norm": False,
+    "net.activation": "relu",
+    "net.pooling": "flatten",
+    "net.dense_units": [128],
+    "net.dropout": 0.0,
+    "net.output_scale": 1.0,
+    "augment.flip": "none",
+    "augment.rotation": 0.0,
+    "augment.zoom": 0.0,
+    "augment.translation": 0.0,
+    "augment.contrast": 0.0,
+    "augment.interpolation": "bilinear",
+    "optimizer.name": "adam",
+    "optimizer.learning_rate": 0.001,
+    "optimizer.schedule": "constant",
+    "optimizer.warmup_epochs": 0,
+    "optimizer.weight_decay": 0.0,
     "label_smoothing": 0.0,
     "batch_size": 32,
     "epochs": 20,
@@ -56,7 +60,7 @@ BASELINE = {
 # 0.47 of the default's training FLOPs: 128 px with half-width blocks and a
 # mirror-image average at test time (prediction cost only). It is what
 # `compare_recipes` trains beside the default unless given another recipe.
-CANDIDATE = {"input_size": 128, "filters": [16, 32, 64, 128], "test_time_flip": True}
+CANDIDATE = {"input_size": 128, "net.filters": [16, 32, 64, 128], "test_time.flip": True}
 
 
 def _update_params(workdir: Path, section: str, changes: dict) -> None:

@@ -55,8 +55,7 @@ def probe(workdir: Path) -> dict:
     run = training.start_run("train_cnn", section, params.seed, params.distribution, image_size)
     train = run.batches(pixels, labels, len(class_names), section.batch_size, shuffle=True, seed=params.seed)
     model = build_cnn(len(class_names), image_size, section, params.seed, train_images=pixels)
-    optimizer = build_optimizer(section.optimizer, section.learning_rate, section.schedule, 3, len(train), 1,
-                                section.weight_decay)
+    optimizer = build_optimizer(section.optimizer.model_copy(update={"warmup_epochs": 1}), 3, len(train))
     training.compile_classifier(model, optimizer, section.label_smoothing, section.jit_compile)
 
     val = run.batches(pixels[:64], labels[:64], len(class_names), batch_size=64)

@@ -29,7 +29,7 @@ def _measure(workdir: Path) -> dict:
     from imgcls import modelio, training, transfer
     from imgcls.batches import ImageBatches
     from imgcls.dataset import load_class_names, load_split
-    from imgcls.optim import build_optimizer
+    from imgcls.optim import OptimizerSettings, build_optimizer
     from imgcls.transfer_training import compute_features
     from imgcls.params import load_params
 
@@ -57,7 +57,7 @@ def _measure(workdir: Path) -> dict:
     probe_accuracy = float(probe.score(features["test"], splits["test"][1]))
 
     def fit_seconds(model, train, val, epochs, learning_rate):
-        optimizer = build_optimizer("adam", learning_rate, "constant", epochs, len(train))
+        optimizer = build_optimizer(OptimizerSettings("adam", learning_rate, "constant"), epochs, len(train))
         training.compile_classifier(model, optimizer, section.label_smoothing)
         started = time.perf_counter()
         model.fit(train, validation_data=val, epochs=epochs, verbose=0)

@@ -16,13 +16,13 @@ trains the CIFAR-10 preset through the pipeline on a local copy of CIFAR-10,
 at `--budget` PFLOP of training (see tests/bench_cifar.py):
 
     python tests/benchmark.py --only cifar --budget 0.15 [--cifar-runs preset,previous] [--seeds 0,1]
-                                          [--candidate batch_norm_epsilon=1e-12 ...]
+                                          [--candidate net.activation=relu ...]
 
 `--only cnn_splits` (also not in the default run: about 20 minutes per split on
 2 CPU cores) trains the default gear CNN and a candidate recipe side by side on
 several splits (tests/bench_cnn.py):
 
-    python tests/benchmark.py --only cnn_splits --split-seeds 0,1,2 [--candidate input_size=128 filters=[16,32,64,128]]
+    python tests/benchmark.py --only cnn_splits --split-seeds 0,1,2 [--candidate input_size=128 net.filters=[16,32,64,128]]
 """
 
 import argparse
@@ -45,6 +45,7 @@ from PIL import Image
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path[:0] = [str(REPO / "scripts"), str(TESTS)]
+from imgcls.params import old_cnn_key  # noqa: E402  (found through the path above)
 SECTIONS = ("data", "cnn", "transfer", "predict", "device", "near_duplicates", "soak", "images")  # `make bench`
 EXTRA_SECTIONS = ("cnn_splits", "cifar")  # only when asked for
 # Sections that need no gear photos in the work folder.
@@ -69,21 +70,25 @@ def run(command: list[str], cwd: Path, output: bool = False):
 
 def parse_overrides(pairs: list[str]) -> dict:
     """Param changes from KEY=VALUE pairs, as `dvc exp run -S` takes them: each value is YAML,
-    and a dotted key names a nested param (augment.zoom=0.2)."""
+    and a dotted key names a nested param (net.filters=[16,32])."""
     changes = {}
     for pair in pairs:
         key, separator, value = pair.partition("=")
         if not separator or not key:
-            raise SystemExit(f"--candidate {pair!r}: expected KEY=VALUE, e.g. filters=[16,32,64,128]")
+            raise SystemExit(f"--candidate {pair!r}: expected KEY=VALUE, e.g. net.filters=[16,32,64,128]")
         changes[key] = yaml.safe_load(value)
     return changes
 
 
 def with_overrides(section: dict, changes: dict) -> dict:
-    """A copy of a params section with `changes` set; a dotted key (augment.zoom) sets that nested param
-    alone. Every key must already be there, so a misspelt one fails by name."""
+    """A copy of a train_cnn params section with `changes` set; a dotted key (net.filters) sets that nested
+    param alone. Every key must already be there, so a misspelt one fails by name, and a key of train_cnn's
+    old flat layout (filters) fails naming its new place, as params.yaml does."""
     result = copy.deepcopy(section)
     for dotted, value in changes.items():
+        old_key = old_cnn_key(dotted, value)
+        if old_key:
+            raise SystemExit(f"--candidate {dotted}={value}: {old_key}")
         *parents, name = dotted.split(".")
         target = result
         for parent in parents:
@@ -242,7 +247,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="cifar: training seeds, e.g. 0,1 (the row gives their mean)")
     parser.add_argument("--split-seeds", default="0,1,2", help="cnn_splits: split.seed values, e.g. 0,1,2")
     parser.add_argument("--candidate", nargs="+", metavar="KEY=VALUE",
-                        help="train_cnn params, e.g. input_size=128 filters=[16,32,64,128]; cnn_splits: the"
+                        help="train_cnn params, e.g. input_size=128 net.filters=[16,32,64,128]; cnn_splits: the"
                              " candidate trained beside the default (default: tests/bench_cnn.py's CANDIDATE);"
                              " cifar: changes to the preset's")
     parser.add_argument("--cifar-runs", default="preset",

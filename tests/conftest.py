@@ -25,12 +25,12 @@ COLOURS = [(220, 40, 40), (40, 200, 60), (40, 70, 220), (230, 200, 40), (160, 60
 # Params that make each trainer tiny and fast on the generated 32 px images.
 TINY_CNN = {
     "train_cnn.input_size": 24,
-    "train_cnn.filters": [8, 16],
-    "train_cnn.convs_per_block": 1,
+    "train_cnn.net.filters": [8, 16],
+    "train_cnn.net.convs_per_block": 1,
     "train_cnn.batch_size": 8,
     "train_cnn.epochs": 3,
-    "train_cnn.warmup_epochs": 1,
-    "train_cnn.learning_rate": 0.01,
+    "train_cnn.optimizer.warmup_epochs": 1,
+    "train_cnn.optimizer.learning_rate": 0.01,
 }
 TINY_TRANSFER = {
     "train_transfer.weights": "none",

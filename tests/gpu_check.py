@@ -50,8 +50,8 @@ TRAINERS = {"train_cnn": "cnn", "train_transfer": "transfer"}
 QUICK_PARAMS = {
     "train_cnn.mixed_precision": "bfloat16", "train_transfer.mixed_precision": "bfloat16",
     "resize.image_size": 32, "resize.workers": 1,
-    "train_cnn.input_size": 24, "train_cnn.filters": [8, 16], "train_cnn.convs_per_block": 1,
-    "train_cnn.batch_size": 8, "train_cnn.epochs": 3, "train_cnn.warmup_epochs": 1,
+    "train_cnn.input_size": 24, "train_cnn.net.filters": [8, 16], "train_cnn.net.convs_per_block": 1,
+    "train_cnn.batch_size": 8, "train_cnn.epochs": 3, "train_cnn.optimizer.warmup_epochs": 1,
     "train_transfer.weights": "none", "train_transfer.input_size": 32, "train_transfer.batch_size": 8,
     "train_transfer.head.epochs": 2, "train_transfer.fine_tune.epochs": 1, "train_transfer.fine_tune.unfreeze": 10,
     "train_transfer.fine_tune.cached_copies": 1,

@@ -411,7 +411,7 @@ def test_a_killed_train_cnn_resumes_and_ends_as_if_never_interrupted(prepared):
 def test_a_state_saved_under_other_params_is_never_used(prepared):
     prepared.set_params(**{**TINY_CNN, "train_cnn.epochs": 4})
     _kill_after_first_checkpoint(prepared)
-    prepared.set_params(**{"train_cnn.learning_rate": 0.02})
+    prepared.set_params(**{"train_cnn.optimizer.learning_rate": 0.02})
     result = prepared.stage("train_cnn")
     assert "was made with other params, data or devices; training from the start" in result.stdout
     assert "resuming" not in result.stdout

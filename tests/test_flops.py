@@ -66,13 +66,15 @@ def test_the_cifar10_net_costs_what_airbench94_reports(filters, expected_megaflo
     import numpy as np
     import yaml
 
+    from bench_cifar import merged
     from conftest import REPO
     from imgcls.cnn import build_cnn
     from imgcls.flops import TRAINING_PASSES, forward_flops
     from imgcls.params import TrainCnnParams
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
-    params.update(yaml.safe_load((REPO / "presets/cifar10.yaml").read_text())["train_cnn"], filters=filters)
+    params = merged(yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"],
+                    yaml.safe_load((REPO / "presets/cifar10.yaml").read_text())["train_cnn"])
+    params["net"]["filters"] = filters
     images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     forward = forward_flops(build_cnn(10, 32, TrainCnnParams.model_validate(params), seed=0, train_images=images))
     assert forward / 1e6 == pytest.approx(expected_megaflops, abs=0.1)

@@ -80,3 +80,66 @@ def test_a_stage_prints_the_problem_without_a_traceback(prepared):
     assert result.returncode == 2
     assert "split.trian: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_key_of_the_old_flat_cnn_layout_names_its_new_place(tmp_path):
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["train_cnn"].update(filters=[8], ema_momentum=0.9, batch_norm_epsilon=1e-12)
+    data["train_cnn"]["optimizer"] = "sgd"  # what `dvc exp run -S train_cnn.optimizer=sgd` leaves
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError) as error:
+        load_params(tmp_path / "params.yaml")
+    message = str(error.value)
+    assert "has 4 train_cnn key(s) of the old flat layout" in message
+    assert "train_cnn.filters moved to train_cnn.net.filters" in message
+    assert "train_cnn.ema_momentum moved to train_cnn.ema.momentum" in message
+    assert "train_cnn.optimizer moved to train_cnn.optimizer.name" in message
+    assert "train_cnn.batch_norm_epsilon was dropped: batch norm always adds Keras' 0.001" in message
+
+
+def test_every_old_cnn_key_has_a_new_place_that_exists():
+    from imgcls.params import CNN_KEYS_DROPPED, CNN_KEYS_MOVED, TrainCnnParams
+
+    section = load_params(REPO / "params.yaml").train_cnn
+    for old, new in CNN_KEYS_MOVED.items():
+        part, name = new.split(".")
+        assert name in type(getattr(section, part)).model_fields, new
+    assert not set(CNN_KEYS_MOVED) & set(CNN_KEYS_DROPPED)
+    # No key of the old layout is a setting of the new one, except `optimizer`, whose value was a name.
+    assert set(CNN_KEYS_MOVED) & set(TrainCnnParams.model_fields) == {"optimizer"}
+
+
+def test_a_stage_stops_on_an_old_cnn_key_without_a_traceback(project):
+    project.set_params(**{"train_cnn.test_time_flip": True})
+    result = project.stage("train_cnn", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train_cnn.test_time_flip moved to train_cnn.test_time.flip" in result.stderr
+
+
+def _leaves(section: dict, prefix: str = "") -> list[str]:
+    return [key for name, value in section.items()
+            for key in (_leaves(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"])]
+
+
+@pytest.mark.parametrize("preset", sorted(path.stem for path in (REPO / "presets").glob("*.yaml")))
+def test_every_preset_sets_existing_keys_and_validates(tmp_path, preset):
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    changes = yaml.safe_load((REPO / "presets" / f"{preset}.yaml").read_text())
+    for key in _leaves(changes):
+        *parents, name = key.split(".")
+        target = data
+        for parent in parents:
+            target = target[parent]
+        assert name in target, f"presets/{preset}.yaml sets {key}, which params.yaml does not have"
+        value = changes
+        for part in key.split("."):
+            value = value[part]
+        target[name] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    load_params(tmp_path / "params.yaml")
+
+
+def test_dvc_yaml_declares_each_train_cnn_param():
+    declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train_cnn"]["params"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
+    assert sorted(key for key in declared if key.startswith("train_cnn.")) == sorted(_leaves(params, "train_cnn."))

@@ -104,7 +104,7 @@ def test_image_batches_for_prediction_and_with_class_weights():
 def test_one_cycle_and_cosine_schedules_warm_up_then_decay_to_zero():
     import keras
 
-    from imgcls.optim import OneCycle, build_optimizer, learning_rate_schedule
+    from imgcls.optim import OneCycle, OptimizerSettings, build_optimizer, learning_rate_schedule
 
     schedule = OneCycle(peak=0.1, warmup_steps=10, total_steps=100)
     rate = lambda step: float(keras.ops.convert_to_numpy(schedule(step)))  # noqa: E731
@@ -115,7 +115,8 @@ def test_one_cycle_and_cosine_schedules_warm_up_then_decay_to_zero():
     cosine = learning_rate_schedule(0.1, "cosine", epochs=10, steps_per_epoch=10, warmup_epochs=1)
     assert float(keras.ops.convert_to_numpy(cosine(10))) == pytest.approx(0.1)
     assert float(keras.ops.convert_to_numpy(cosine(100))) == pytest.approx(0.0, abs=1e-6)
-    constant = build_optimizer("adam", 0.02, "constant", epochs=3, steps_per_epoch=4, weight_decay=0.01)
+    constant = build_optimizer(OptimizerSettings("adam", 0.02, "constant", weight_decay=0.01), epochs=3,
+                               steps_per_epoch=4)
     assert float(keras.ops.convert_to_numpy(constant.learning_rate)) == pytest.approx(0.02)
     assert constant.weight_decay == pytest.approx(0.01)
 
@@ -139,12 +140,12 @@ def test_schedules_start_and_end_where_asked():
 def test_weight_decay_spares_biases_and_offsets_unless_asked(decay_biases):
     import keras
 
-    from imgcls.optim import build_optimizer
+    from imgcls.optim import OptimizerSettings, build_optimizer
 
     kernel, bias = keras.Variable(np.ones(3), name="kernel"), keras.Variable(np.ones(3), name="bias")
     offset, scale = keras.Variable(np.ones(3), name="beta"), keras.Variable(np.ones(3), name="gamma")
-    optimizer = build_optimizer("sgd", 0.5, "constant", epochs=1, steps_per_epoch=1, weight_decay=0.1,
-                                decay_biases=decay_biases)
+    settings = OptimizerSettings("sgd", 0.5, "constant", weight_decay=0.1, weight_decay_biases=decay_biases)
+    optimizer = build_optimizer(settings, epochs=1, steps_per_epoch=1)
     optimizer.apply([keras.ops.zeros(3)] * 4, [kernel, bias, offset, scale])
     after = [float(keras.ops.convert_to_numpy(variable)[0]) for variable in (kernel, bias, offset, scale)]
     shrunk = 1 - 0.5 * 0.1
@@ -158,7 +159,8 @@ def test_a_trainable_whitening_stem_learns_its_offsets_and_keeps_its_filters():
     from imgcls.params import TrainCnnParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
-    params.update(input_size=16, stem="whiten", whiten_bias_trainable=True, filters=[8], dense_units=[])
+    params["input_size"] = 16
+    params["net"].update(stem="whiten", whiten_bias_trainable=True, filters=[8], dense_units=[])
     images = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
     model = build_cnn(3, 16, TrainCnnParams.model_validate(params), seed=0, train_images=images)
     stem = model.get_layer("whiten")
@@ -170,7 +172,7 @@ def test_a_trainable_whitening_stem_learns_its_offsets_and_keeps_its_filters():
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(stem.kernel), kernel)
     assert np.abs(keras.ops.convert_to_numpy(stem.bias) - bias).max() > 1e-4
     with pytest.raises(ValueError, match="needs stem: whiten"):
-        TrainCnnParams.model_validate({**params, "stem": "none"})
+        TrainCnnParams.model_validate({**params, "net": {**params["net"], "stem": "none"}})
 
 
 def test_alternating_flips_mirror_each_image_on_every_other_epoch():
@@ -217,10 +219,12 @@ def test_conv_init_scale_sets_the_variance_of_the_convolutions_random_start():
     from imgcls.params import TrainCnnParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
-    params.update(input_size=32, filters=[64, 128], batch_norm=True)
+    params["input_size"] = 32
+    params["net"].update(filters=[64, 128], batch_norm=True)
     variances = {}
     for scale in (2.0, 0.333):
-        model = build_cnn(10, 32, TrainCnnParams.model_validate({**params, "conv_init_scale": scale}), seed=0)
+        section = {**params, "net": {**params["net"], "conv_init_scale": scale}}
+        model = build_cnn(10, 32, TrainCnnParams.model_validate(section), seed=0)
         kernel = keras.ops.convert_to_numpy(model.get_layer("block2_conv1").kernel)
         fan_in = np.prod(kernel.shape[:3])
         variances[scale] = kernel.var() * fan_in
@@ -235,10 +239,12 @@ def test_pool_before_norm_pools_each_block_before_its_batch_norm():
     from imgcls.params import TrainCnnParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
-    params.update(input_size=32, filters=[8, 16], convs_per_block=2, pool_after="first", batch_norm=True)
+    params["input_size"] = 32
+    params["net"].update(filters=[8, 16], convs_per_block=2, pool_after="first", batch_norm=True)
     for before, expected in ((False, ["conv1", "norm1", "relu1", "pool", "conv2", "norm2", "relu2"]),
                              (True, ["conv1", "pool", "norm1", "relu1", "conv2", "norm2", "relu2"])):
-        model = build_cnn(10, 32, TrainCnnParams.model_validate({**params, "pool_before_norm": before}), seed=0)
+        section = {**params, "net": {**params["net"], "pool_before_norm": before}}
+        model = build_cnn(10, 32, TrainCnnParams.model_validate(section), seed=0)
         names = [layer.name.removeprefix("block1_") for layer in model.layers if layer.name.startswith("block1_")]
         assert names == expected
         # Either way each block halves the map once: 32 -> 16 -> 8.
@@ -249,16 +255,17 @@ def test_pool_before_norm_pools_each_block_before_its_batch_norm():
 def test_scaled_rates_multiply_the_learning_rate_of_the_named_variables(name):
     import keras
 
-    from imgcls.optim import build_optimizer
+    from imgcls.optim import OptimizerSettings, build_optimizer
 
     plain, fast = keras.Variable(np.zeros(3), name="kernel"), keras.Variable(np.zeros(3), name="beta")
-    optimizer = build_optimizer(name, 0.1, "constant", epochs=1, steps_per_epoch=1, rate_scales={fast.path: 64.0})
+    settings = OptimizerSettings(name, 0.1, "constant")
+    optimizer = build_optimizer(settings, epochs=1, steps_per_epoch=1, rate_scales={fast.path: 64.0})
     for _ in range(3):
         optimizer.apply([keras.ops.ones(3), keras.ops.ones(3)], [plain, fast])
     moved_plain, moved_fast = (keras.ops.convert_to_numpy(variable) for variable in (plain, fast))
     np.testing.assert_allclose(moved_fast, 64 * moved_plain, rtol=1e-5)
     assert moved_plain[0] < 0
-    unscaled = build_optimizer(name, 0.1, "constant", epochs=1, steps_per_epoch=1)
+    unscaled = build_optimizer(settings, epochs=1, steps_per_epoch=1)
     assert type(unscaled) in (keras.optimizers.SGD, keras.optimizers.Adam)  # the defaults build the plain ones
 
 
@@ -267,13 +274,14 @@ def test_a_ramped_average_follows_the_weights_early_and_averages_late(name):
     import keras
 
     from imgcls.keras_internals import weight_averages
-    from imgcls.optim import build_optimizer
+    from imgcls.optim import OptimizerSettings, build_optimizer
+    from imgcls.params import EmaParams
 
     def averages(ramp: float) -> list[float]:
         """The moving average after each of 10 steps of a constant gradient."""
         weight = keras.Variable(np.zeros(1), name="kernel")
-        optimizer = build_optimizer(name, 0.1, "constant", epochs=1, steps_per_epoch=10, ema_momentum=0.9,
-                                    ema_ramp=ramp)
+        optimizer = build_optimizer(OptimizerSettings(name, 0.1, "constant"), epochs=1, steps_per_epoch=10,
+                                    ema=EmaParams(momentum=0.9, every=0, ramp=ramp))
         path = []
         for _ in range(10):
             optimizer.apply([keras.ops.ones(1)], [weight])
@@ -322,11 +330,11 @@ def test_the_seeds_baseline_is_expressible_in_params():
     from imgcls.params import TrainCnnParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
-    params.update(input_size=64, stem="none", filters=[32, 64], convs_per_block=1, pool_after="last", batch_norm=False,
-                  activation="relu", pooling="flatten", output_scale=1.0,
-                  dense_units=[128], dropout=0.0, optimizer="adam", learning_rate=0.001, schedule="constant",
-                  weight_decay=0.0, label_smoothing=0.0, class_weight="none",
-                  augment=dict(flip="none", rotation=0, zoom=0, translation=0, contrast=0, interpolation="bilinear"))
+    params.update(input_size=64, label_smoothing=0.0, class_weight="none")
+    params["net"].update(stem="none", filters=[32, 64], convs_per_block=1, pool_after="last", batch_norm=False,
+                         activation="relu", pooling="flatten", output_scale=1.0, dense_units=[128], dropout=0.0)
+    params["optimizer"].update(name="adam", learning_rate=0.001, schedule="constant", weight_decay=0.0)
+    params["augment"].update(flip="none", rotation=0, zoom=0, translation=0, contrast=0, interpolation="bilinear")
     model = build_cnn(12, 160, TrainCnnParams.model_validate(params), seed=0)
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds == ["InputLayer", "Resizing", "Rescaling", "Conv2D", "Activation", "MaxPooling2D",
@@ -338,7 +346,7 @@ def test_the_seeds_baseline_is_expressible_in_params():
 
 def test_train_cnn_keeps_the_best_epoch_writes_curves_and_is_reproducible(prepared):
     # The plain model: with test-time views the card holds their accuracy (see test_the_fast_cnn_options_...).
-    prepared.set_params(**{**TINY, "train_cnn.epochs": 4, "train_cnn.test_time_flip": False})
+    prepared.set_params(**{**TINY, "train_cnn.epochs": 4, "train_cnn.test_time.flip": False})
     dvc_yaml = (prepared.root / "dvc.yaml").read_bytes()
     prepared.stage("train_cnn")
     root = prepared.root
@@ -427,10 +435,11 @@ def test_test_time_augmentation_averages_the_mirror_and_shifted_images(flip, shi
 
 
 def test_the_fast_cnn_options_train_and_load_safely(prepared):
-    prepared.set_params(**{**TINY, "train_cnn.epochs": 2, "train_cnn.stem": "whiten", "train_cnn.convs_per_block": 2,
-                           "train_cnn.pool_after": "first", "train_cnn.activation": "gelu",
-                           "train_cnn.pooling": "global_max", "train_cnn.output_scale": 0.125,
-                           "train_cnn.test_time_flip": True, "train_cnn.test_time_shift": True})
+    prepared.set_params(**{**TINY, "train_cnn.epochs": 2, "train_cnn.net.stem": "whiten",
+                           "train_cnn.net.convs_per_block": 2, "train_cnn.net.pool_after": "first",
+                           "train_cnn.net.activation": "gelu", "train_cnn.net.pooling": "global_max",
+                           "train_cnn.net.output_scale": 0.125, "train_cnn.test_time.flip": True,
+                           "train_cnn.test_time.shift": True})
     prepared.stage("train_cnn")
     result = inspect_saved_cnn(prepared.root)
     assert result["whiten_trainable"] is False and result["whiten_filters"] == 24
@@ -453,21 +462,21 @@ def test_the_fast_cnn_options_train_and_load_safely(prepared):
 
 
 # Every option from airbench's ablations at once: identity init over PyTorch's smaller random start, fast
-# batch-norm statistics with fixed scales and airbench's epsilon, 64x learning rate on the batch-norm offsets,
+# batch-norm statistics with fixed scales, 64x learning rate on the batch-norm offsets,
 # a ramped moving average of the weights reset into them every 4 steps, alternating flips, whole-pixel shifts,
 # pooling before batch norm, a whitening stem whose offsets learn, airbench's triangle of learning rates and
 # weight decay of every trained weight.
-AIRBENCH_OPTIONS = {"train_cnn.identity_init": True, "train_cnn.conv_init_scale": 0.333,
-                    "train_cnn.batch_norm_momentum": 0.4,
-                    "train_cnn.batch_norm_scale": False, "train_cnn.batch_norm_epsilon": 1e-12,
-                    "train_cnn.batch_norm_bias_lr_scale": 64.0,
-                    "train_cnn.optimizer": "sgd", "train_cnn.ema_momentum": 0.8, "train_cnn.ema_every": 4,
-                    "train_cnn.ema_ramp": 0.6, "train_cnn.alternate_flips": True, "train_cnn.augment.flip": "none",
-                    "train_cnn.augment.translation": 0.1, "train_cnn.augment.interpolation": "nearest",
-                    "train_cnn.convs_per_block": 2, "train_cnn.pool_after": "first",
-                    "train_cnn.pool_before_norm": True, "train_cnn.stem": "whiten",
-                    "train_cnn.whiten_bias_trainable": True, "train_cnn.schedule_start": 0.2,
-                    "train_cnn.schedule_end": 0.07, "train_cnn.weight_decay_biases": True}
+AIRBENCH_OPTIONS = {"train_cnn.net.identity_init": True, "train_cnn.net.conv_init_scale": 0.333,
+                    "train_cnn.net.batch_norm_momentum": 0.4, "train_cnn.net.batch_norm_scale": False,
+                    "train_cnn.net.convs_per_block": 2, "train_cnn.net.pool_after": "first",
+                    "train_cnn.net.pool_before_norm": True, "train_cnn.net.stem": "whiten",
+                    "train_cnn.net.whiten_bias_trainable": True,
+                    "train_cnn.optimizer.name": "sgd", "train_cnn.optimizer.batch_norm_bias_lr_scale": 64.0,
+                    "train_cnn.optimizer.schedule_start": 0.2, "train_cnn.optimizer.schedule_end": 0.07,
+                    "train_cnn.optimizer.weight_decay_biases": True,
+                    "train_cnn.ema.momentum": 0.8, "train_cnn.ema.every": 4, "train_cnn.ema.ramp": 0.6,
+                    "train_cnn.augment.alternate_flips": True, "train_cnn.augment.flip": "none",
+                    "train_cnn.augment.translation": 0.1, "train_cnn.augment.interpolation": "nearest"}
 
 
 def test_the_airbench_options_train_reproducibly_and_save_the_averaged_weights(prepared):
@@ -493,7 +502,7 @@ def test_the_airbench_options_run_on_jax_without_tensorflow(prepared):
 
 
 def test_train_cnn_runs_on_jax_without_tensorflow(prepared):
-    prepared.set_params(**{**TINY, "train_cnn.epochs": 1, "train_cnn.warmup_epochs": 0})
+    prepared.set_params(**{**TINY, "train_cnn.epochs": 1, "train_cnn.optimizer.warmup_epochs": 0})
     result = prepared.stage_on_jax_without_tensorflow("train_cnn")
     assert "backend jax" in result.stdout and "tensorflow modules: []" in result.stdout
     card = read_json(prepared.root / "models/cnn.json")
@@ -503,7 +512,7 @@ def test_train_cnn_runs_on_jax_without_tensorflow(prepared):
 def test_dvc_exp_run_sets_params_and_records_metrics(project):
     project.set_params(**TINY)
     project.run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qam", "tiny")
-    project.dvc("exp", "run", "-S", "train_cnn.epochs=2", "-S", "train_cnn.learning_rate=0.005", "train_cnn")
+    project.dvc("exp", "run", "-S", "train_cnn.epochs=2", "-S", "train_cnn.optimizer.learning_rate=0.005", "train_cnn")
     shown = json.loads(project.dvc("exp", "show", "--json").stdout)
     text = json.dumps(shown)
     assert '"epochs": 2' in text and '"learning_rate": 0.005' in text
@@ -524,17 +533,17 @@ def test_missing_split_says_which_stage_to_run(project):
 
 
 def test_out_of_range_params_name_the_key(prepared):
-    prepared.set_params(**{"train_cnn.learning_rate": -1, "train_cnn.augment.rotation": 3,
-                           "train_cnn.filters": [32, 0]})
+    prepared.set_params(**{"train_cnn.optimizer.learning_rate": -1, "train_cnn.augment.rotation": 3,
+                           "train_cnn.net.filters": [32, 0]})
     result = prepared.stage("train_cnn", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "train_cnn.learning_rate = -1" in result.stderr
+    assert "train_cnn.optimizer.learning_rate = -1" in result.stderr
     assert "train_cnn.augment.rotation = 3" in result.stderr
-    assert "train_cnn.filters.1 = 0: Input should be greater than or equal to 1" in result.stderr
-    prepared.set_params(**{"train_cnn.learning_rate": 0.01, "train_cnn.augment.rotation": 0,
-                           "train_cnn.filters": [8], "train_cnn.epochs": 2, "train_cnn.warmup_epochs": 2})
+    assert "train_cnn.net.filters.1 = 0: Input should be greater than or equal to 1" in result.stderr
+    prepared.set_params(**{"train_cnn.optimizer.learning_rate": 0.01, "train_cnn.augment.rotation": 0,
+                           "train_cnn.net.filters": [8], "train_cnn.epochs": 2, "train_cnn.optimizer.warmup_epochs": 2})
     result = prepared.stage("train_cnn", check=False)
-    assert result.returncode == 2 and "warmup_epochs (2) must be less than epochs (2)" in result.stderr
+    assert result.returncode == 2 and "optimizer.warmup_epochs (2) must be less than epochs (2)" in result.stderr
 
 
 def test_conflicting_airbench_options_say_what_to_change():
@@ -543,16 +552,19 @@ def test_conflicting_airbench_options_say_what_to_change():
     from imgcls.params import TrainCnnParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
-    with pytest.raises(ValidationError, match="set augment.flip to none .or vertical., not horizontal"):
-        TrainCnnParams.model_validate({**params, "alternate_flips": True})
-    with pytest.raises(ValidationError, match=r"ema_every \(5\) needs an ema_momentum above 0"):
-        TrainCnnParams.model_validate({**params, "ema_every": 5})
-    with pytest.raises(ValidationError, match=r"ema_ramp \(3\) needs an ema_momentum above 0"):
-        TrainCnnParams.model_validate({**params, "ema_ramp": 3})
+    def changed(section: str, **changes) -> dict:
+        return {**params, section: {**params[section], **changes}}
+
+    with pytest.raises(ValidationError, match="set flip to none .or vertical., not horizontal"):
+        TrainCnnParams.model_validate(changed("augment", alternate_flips=True))
+    with pytest.raises(ValidationError, match=r"every \(5\) needs a momentum above 0"):
+        TrainCnnParams.model_validate(changed("ema", every=5))
+    with pytest.raises(ValidationError, match=r"ramp \(3\) needs a momentum above 0"):
+        TrainCnnParams.model_validate(changed("ema", ramp=3))
     with pytest.raises(ValidationError, match="interpolation"):
-        TrainCnnParams.model_validate({**params, "augment": {**params["augment"], "interpolation": "cubic"}})
+        TrainCnnParams.model_validate(changed("augment", interpolation="cubic"))
     with pytest.raises(ValidationError, match="batch_norm_bias_lr_scale"):
-        TrainCnnParams.model_validate({**params, "batch_norm_bias_lr_scale": 0})
+        TrainCnnParams.model_validate(changed("optimizer", batch_norm_bias_lr_scale=0))
 
 
 def test_resized_images_that_do_not_match_params_ask_for_resize(prepared):
@@ -589,7 +601,7 @@ def test_the_cifar10_presets_print_valid_params_overrides(preset, filters):
     result = subprocess.run([sys.executable, "scripts/preset.py", preset], cwd=REPO, capture_output=True,
                             text=True, check=True)
     arguments = result.stdout.split()
-    assert arguments[:2] == ["-S", "data.source=cifar10"] and f"train_cnn.filters={filters}" in arguments
+    assert arguments[:2] == ["-S", "data.source=cifar10"] and f"train_cnn.net.filters={filters}" in arguments
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for setting in arguments[1::2]:
         key, _, value = setting.partition("=")
@@ -609,24 +621,33 @@ def test_the_cifar10_presets_print_valid_params_overrides(preset, filters):
 
 
 def test_the_recipe_benchmark_takes_a_candidate_as_key_value_pairs(tmp_path):
-    from bench_cnn import _update_params
-    from benchmark import parse_overrides
+    from bench_cnn import BASELINE, CANDIDATE, _update_params
+    from benchmark import parse_overrides, with_overrides
 
-    recipe = parse_overrides(["filters=[16,32,64,128]", "test_time_flip=true", "augment.zoom=0.2", "augment.flip=none"])
-    assert recipe == {"filters": [16, 32, 64, 128], "test_time_flip": True, "augment.zoom": 0.2, "augment.flip": "none"}
+    recipe = parse_overrides(["net.filters=[16,32,64,128]", "test_time.flip=true", "augment.zoom=0.2",
+                              "augment.flip=none", "input_size=64"])
+    assert recipe == {"net.filters": [16, 32, 64, 128], "test_time.flip": True, "augment.zoom": 0.2,
+                      "augment.flip": "none", "input_size": 64}
     # Applied to params.yaml, a dotted key changes that nested param alone.
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     _update_params(tmp_path, "train_cnn", recipe)
     section = yaml.safe_load((tmp_path / "params.yaml").read_text())["train_cnn"]
     default = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
-    assert section["filters"] == [16, 32, 64, 128] and section["test_time_flip"] is True
+    assert section["net"] == {**default["net"], "filters": [16, 32, 64, 128]} and section["input_size"] == 64
+    assert section["test_time"] == {**default["test_time"], "flip": True}
     assert section["augment"] == {**default["augment"], "zoom": 0.2, "flip": "none"}
+    # The benchmark's own recipes are in the nested layout too.
+    for recipe in (BASELINE, CANDIDATE):
+        with_overrides(default, recipe)
     # A malformed pair stops the benchmark before it copies the project or trains anything.
     result = subprocess.run([sys.executable, "tests/benchmark.py", "--only", "cnn_splits", "--candidate", "filters"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0 and "--candidate 'filters': expected KEY=VALUE" in result.stderr
-    # So does a misspelt key, nested or not.
-    for pair in ("augment.zoon=0.2", "filter=[8]"):
+    # So does a misspelt key, nested or not, and a key of the old flat layout, with params.yaml's message.
+    for pair, message in (("augment.zoon=0.2", "no param 'augment.zoon'"), ("net.filter=[8]", "no param 'net.filter'"),
+                          ("filters=[8]", "train_cnn.filters moved to train_cnn.net.filters"),
+                          ("test_time_flip=true", "train_cnn.test_time_flip moved to train_cnn.test_time.flip"),
+                          ("batch_norm_epsilon=1e-12", "train_cnn.batch_norm_epsilon was dropped")):
         result = subprocess.run([sys.executable, "tests/benchmark.py", "--only", "cifar", "--candidate", pair],
                                 cwd=REPO, capture_output=True, text=True)
-        assert result.returncode != 0 and f"no param {pair.split('=')[0]!r}" in result.stderr
+        assert result.returncode != 0 and message in result.stderr, (pair, result.stderr)

@@ -1,5 +1,7 @@
 """Optimizers and learning-rate schedules: warm-up and decay, per-variable rates, a moving average of the weights."""
 
+import dataclasses
+
 import keras
 
 from imgcls import keras_internals
@@ -131,43 +133,59 @@ class RampedSGD(RampedAverage, ScaledRates, keras.optimizers.SGD):
     pass
 
 
-def build_optimizer(name: str, learning_rate: float, schedule: str, epochs: int, steps_per_epoch: int,
-                    warmup_epochs: float = 0.0, weight_decay: float = 0.0, rate_scales: dict[str, float] | None = None,
-                    ema_momentum: float = 0.0, ema_every: int = 0, ema_ramp: float = 0.0,
-                    schedule_start: float = WARMUP_START, schedule_end: float = 0.0, decay_biases: bool = False
-                    ) -> keras.optimizers.Optimizer:
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """What build_optimizer reads, with the defaults of a plain optimizer; train_cnn's optimizer section
+    (params.OptimizerParams) has the same fields and is passed as it is."""
+
+    name: str = "adam"  # adam, or sgd (Nesterov momentum 0.9)
+    learning_rate: float = 0.001  # the peak
+    schedule: str = "constant"  # see learning_rate_schedule
+    warmup_epochs: float = 0.0
+    schedule_start: float = WARMUP_START  # fractions of the peak
+    schedule_end: float = 0.0
+    weight_decay: float = 0.0
+    weight_decay_biases: bool = False
+
+
+def build_optimizer(settings, epochs: int, steps_per_epoch: int, rate_scales: dict[str, float] | None = None,
+                    ema=None) -> keras.optimizers.Optimizer:
     """An optimizer ("adam" or "sgd" with Nesterov momentum 0.9) with a learning-rate schedule.
 
-    See learning_rate_schedule for the schedules (schedule_start and schedule_end
+    `settings` is an OptimizerSettings or train_cnn's optimizer section. See
+    learning_rate_schedule for the schedules (schedule_start and schedule_end
     are fractions of the peak). weight_decay is decoupled (AdamW-style: each
     step shrinks kernels by rate x weight_decay) and spares batch-norm scales,
-    and also biases and batch-norm offsets unless decay_biases. rate_scales ({variable path:
-    factor}) makes those variables learn faster or slower (ScaledRates).
-    ema_momentum > 0 keeps Keras' moving average of the weights (use_ema),
-    which train_phase validates and keeps; ema_every > 0 also resets the
-    weights to it every that many steps; ema_ramp > 0 grows its momentum
-    from 0 over training (RampedAverage).
+    and also biases and batch-norm offsets unless weight_decay_biases.
+    rate_scales ({variable path: factor}) makes those variables learn faster
+    or slower (ScaledRates). `ema` (train_cnn's ema section) with a momentum
+    above 0 keeps Keras' moving average of the weights (use_ema), which
+    train_phase validates and keeps; ema.every > 0 also resets the weights to
+    it every that many steps; ema.ramp > 0 grows its momentum from 0 over
+    training (RampedAverage).
     """
-    rate = learning_rate_schedule(learning_rate, schedule, epochs, steps_per_epoch, warmup_epochs,
-                                  schedule_start, schedule_end)
-    decay = weight_decay or None
+    if settings.name not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be adam or sgd, got {settings.name!r}")
+    rate = learning_rate_schedule(settings.learning_rate, settings.schedule, epochs, steps_per_epoch,
+                                  settings.warmup_epochs, settings.schedule_start, settings.schedule_end)
+    decay = settings.weight_decay or None
     options = {"learning_rate": rate, "weight_decay": decay}
-    if ema_momentum:
-        options.update(use_ema=True, ema_momentum=ema_momentum, ema_overwrite_frequency=ema_every or None)
-    if name not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be adam or sgd, got {name!r}")
-    if name == "sgd":
+    averaged = ema is not None and ema.momentum > 0
+    if averaged:
+        options.update(use_ema=True, ema_momentum=ema.momentum, ema_overwrite_frequency=ema.every or None)
+    if settings.name == "sgd":
         options.update(momentum=0.9, nesterov=True)
     # The plain Keras classes unless an option needs one of the mixins above.
     classes = {"adam": (keras.optimizers.Adam, ScaledRatesAdam, RampedAdam),
-               "sgd": (keras.optimizers.SGD, ScaledRatesSGD, RampedSGD)}[name]
-    if ema_momentum and ema_ramp:
-        optimizer = classes[2](rate_scales=rate_scales or {}, ema_ramp=ema_ramp,
+               "sgd": (keras.optimizers.SGD, ScaledRatesSGD, RampedSGD)}[settings.name]
+    if averaged and ema.ramp:
+        optimizer = classes[2](rate_scales=rate_scales or {}, ema_ramp=ema.ramp,
                                ema_total_steps=epochs * steps_per_epoch, **options)
     elif rate_scales:
         optimizer = classes[1](rate_scales=rate_scales, **options)
     else:
         optimizer = classes[0](**options)
     if decay:
-        optimizer.exclude_from_weight_decay(var_names=["gamma"] if decay_biases else ["bias", "gamma", "beta"])
+        optimizer.exclude_from_weight_decay(
+            var_names=["gamma"] if settings.weight_decay_biases else ["bias", "gamma", "beta"])
     return optimizer

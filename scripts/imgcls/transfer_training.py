@@ -24,7 +24,7 @@ from imgcls import transfer
 from imgcls.augment import augmentation
 from imgcls.batches import ImageBatches, class_weights
 from imgcls.callbacks import KeepBest, TrainingLog
-from imgcls.optim import build_optimizer
+from imgcls.optim import OptimizerSettings, build_optimizer
 from imgcls.params import TrainTransferParams
 from imgcls.training import TrainingRun, compile_classifier, train_phase
 from imgcls.transfer import Networks
@@ -170,7 +170,8 @@ def pooled_features(net: Networks, data: Data, cache: Activations | None) -> tup
 
 
 def compile_phase(model, section: TrainTransferParams, phase, steps_per_epoch: int) -> None:
-    optimizer = build_optimizer("adam", phase.learning_rate, section.schedule, phase.epochs, steps_per_epoch)
+    settings = OptimizerSettings("adam", phase.learning_rate, section.schedule)
+    optimizer = build_optimizer(settings, phase.epochs, steps_per_epoch)
     compile_classifier(model, optimizer, section.label_smoothing)
 
 

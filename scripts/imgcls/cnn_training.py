@@ -1,0 +1,72 @@
+"""Training the CNN: its batches, its model and optimizer, the test-time views of the saved model, its metrics.
+
+scripts/train_cnn.py runs these in order around training.train_phase; the
+network itself is built in cnn.py, from the train_cnn section of params.yaml.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from imgcls import batches, flops, modelio, optim, training
+from imgcls.callbacks import KeepBest
+from imgcls.cnn import batch_norm_bias_rates, build_cnn, with_test_time_augmentation
+
+
+@dataclasses.dataclass
+class Data:
+    """The training and validation images, in the batches the CNN trains and validates on."""
+
+    num_classes: int
+    train_pixels: np.ndarray  # the whitening stem computes its filters from them
+    train_labels: np.ndarray
+    val_labels: np.ndarray
+    train: batches.ImageBatches
+    val: batches.ImageBatches
+
+    @classmethod
+    def prepare(cls, run: training.TrainingRun, section, seed: int, num_classes: int, train_set, val_set) -> "Data":
+        """Batches of (pixels, labels) train_set and val_set, with section's batch size, class weights and flips."""
+        (train_pixels, train_labels), (val_pixels, val_labels) = train_set, val_set
+        weights = batches.class_weights(train_labels, num_classes, section.class_weight)
+        kind = batches.AlternatingFlips if section.augment.alternate_flips else None
+        train = run.batches(train_pixels, train_labels, num_classes, section.batch_size, shuffle=True, seed=seed,
+                            class_weights=weights, kind=kind)
+        val = run.batches(val_pixels, val_labels, num_classes, batch_size=max(section.batch_size, 64))
+        return cls(num_classes, train_pixels, train_labels, val_labels, train, val)
+
+
+def build_and_compile(section, data: Data, image_size: int, seed: int) -> keras.Model:
+    """The CNN of section.net, compiled with the optimizer of section.optimizer and section.ema."""
+    model = build_cnn(data.num_classes, image_size, section, seed, train_images=data.train_pixels)
+    rate_scales = batch_norm_bias_rates(model, section.optimizer.batch_norm_bias_lr_scale)
+    optimizer = optim.build_optimizer(section.optimizer, section.epochs, len(data.train), rate_scales, section.ema)
+    training.compile_classifier(model, optimizer, section.label_smoothing, section.jit_compile)
+    print(f"train_cnn: {model.count_params():,} parameters, {len(data.train_labels)} training and"
+          f" {len(data.val_labels)} validation images, {data.num_classes} classes")
+    return model
+
+
+def with_test_time_views(model: keras.Model, test_time, data: Data, best: KeepBest) -> tuple[keras.Model, float]:
+    """The model to save and its validation accuracy: the trained one, or (with test_time.flip or .shift) one
+    that averages its predictions for the mirror image and/or shifted copies of each photo."""
+    if not (test_time.flip or test_time.shift):
+        return model, best.best_logs["val_accuracy"]
+    # Training is unchanged; the saved model also looks at each photo's mirror image and/or shifted copies.
+    # (An uncompiled copy: a compiled model nested in the saved one would drag its optimizer along.)
+    averaged = with_test_time_augmentation(modelio.uncompiled_copy(model), test_time.flip, test_time.shift)
+    val_accuracy = float((batches.predict(averaged, data.val).argmax(axis=1) == data.val_labels).mean())
+    print(f"train_cnn: validation accuracy {best.best_logs['val_accuracy']:.4f}, {val_accuracy:.4f} averaged"
+          " over the test-time versions of each image")
+    return averaged, val_accuracy
+
+
+def write_metrics(path: Path, trained: keras.Model, saved: keras.Model, data: Data, best: KeepBest,
+                  seconds: float, run: training.TrainingRun) -> dict:
+    """train.json: the best epoch's scores, time, throughput, size and FLOPs (of training and of the saved model)."""
+    return training.write_training_metrics(path, best, seconds, images_seen=best.epochs_seen * len(data.train_labels),
+                                           parameters=int(trained.count_params()), trained_on=run.device,
+                                           **flops.cnn_flops(trained, saved, len(data.train_labels),
+                                                             len(data.val_labels), best.epochs_seen))
