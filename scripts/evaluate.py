@@ -19,14 +19,21 @@ in-class test photos and those.
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
+from sklearn.metrics import classification_report, confusion_matrix, f1_score, log_loss, roc_auc_score
 
 from imgcls import device
 from imgcls.dataset import REPORTS_DIR, atomic_path, load_class_names, load_manifest, load_split, write_csv, write_json
 from imgcls.errors import UserError, run_stage
-from imgcls.modelio import MODEL_NAMES, PRODUCED_BY, model_path
+from imgcls.images import BadImage
+from imgcls.modelio import MODEL_NAMES, PRODUCED_BY, load_model, model_path
 from imgcls.params import load_params
+from imgcls.predict import decode_for_model, find_images, resolve_min_confidence
+
+matplotlib.use("Agg")  # figures go to files; no screen is needed
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
 REPORT_DIR = REPORTS_DIR / "evaluate"
 CONFUSION_DIR = REPORT_DIR / "confusion"
@@ -37,7 +44,6 @@ FIGURES_DIR = REPORT_DIR / "figures"
 
 def score(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> tuple[dict, pd.DataFrame]:
     """Headline metrics and the per-class report of one model's test predictions."""
-    from sklearn.metrics import classification_report, f1_score, log_loss
 
     indices = list(range(len(class_names)))
     predicted = probabilities.argmax(axis=1)
@@ -63,11 +69,6 @@ def score(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str])
 
 def plot_confusion(path, labels, predicted, class_names: list[str], title: str) -> None:
     """Confusion matrix PNG: rows are true classes, columns predicted, each cell shows its count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import confusion_matrix
 
     matrix = confusion_matrix(labels, predicted, labels=list(range(len(class_names))))
     side = max(5.0, 0.55 * len(class_names) + 2.5)
@@ -95,10 +96,6 @@ def plot_confusion(path, labels, predicted, class_names: list[str], title: str) 
 
 def plot_misclassified(path, pixels, labels, probabilities, class_names: list[str], count: int, title: str) -> int:
     """Gallery of the `count` test images the model got wrong with the highest confidence; returns how many."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
@@ -125,6 +122,7 @@ def plot_misclassified(path, pixels, labels, probabilities, class_names: list[st
 
 def trust_scores(labels, probabilities, temperature: float, threshold: float) -> tuple[dict, np.ndarray]:
     """Calibration and selective-prediction metrics of one model; also the probabilities without its temperature."""
+    # calibration and batches import Keras, so they load only after main() chose the backend.
     from imgcls.calibration import CALIBRATION_BINS, expected_calibration_error, rescale, selective_scores
 
     before = rescale(probabilities, 1 / temperature)  # undoes the model's Temperature layer
@@ -142,11 +140,8 @@ def trust_scores(labels, probabilities, temperature: float, threshold: float) ->
 def out_of_class_scores(model, card: dict, files: list[Path], in_class_confidence, threshold: float,
                         batch_size: int) -> dict:
     """Share of out-of-class photos flagged unknown, and the AUROC of confidence: in-class test photos vs those."""
-    from sklearn.metrics import roc_auc_score
 
-    from imgcls.batches import ImageBatches
-    from imgcls.images import BadImage
-    from imgcls.predict import decode_for_model
+    from imgcls.batches import ImageBatches  # imports Keras: after main() chose the backend
 
     decoded = []
     for path in files:
@@ -169,12 +164,8 @@ def out_of_class_scores(model, card: dict, files: list[Path], in_class_confidenc
 
 def plot_reliability(path, labels, before, after, metrics: dict, title: str) -> None:
     """Reliability diagram: accuracy against mean confidence per bin, without and with the temperature."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from imgcls.calibration import reliability
+    from imgcls.calibration import reliability  # imports Keras: after main() chose the backend
 
     figure, axis = plt.subplots(figsize=(5.5, 5))
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
@@ -225,7 +216,6 @@ def load_test_manifest() -> pd.DataFrame:
 
 def find_out_of_class_photos(ood_dir: str) -> list[Path]:
     """The photos in evaluate.ood_dir, or none when it is "" (turned off)."""
-    from imgcls.predict import find_images
 
     if not ood_dir:
         return []
@@ -251,9 +241,7 @@ def read_test_split(name: str, model, params, manifest: pd.DataFrame) -> tuple[n
 def evaluate_model(name: str, params, manifest: pd.DataFrame, class_names: list[str],
                    out_of_class: list[Path]) -> dict:
     """Score models/<name>.keras on the test split, write its reports and print its scores; return its metrics."""
-    from imgcls.modelio import load_model
-    from imgcls.predict import resolve_min_confidence
-    from imgcls.batches import ImageBatches
+    from imgcls.batches import ImageBatches  # imports Keras: after main() chose the backend
 
     section = params.evaluate
     model, card = load_model(model_path(name))
@@ -274,7 +262,7 @@ def evaluate_model(name: str, params, manifest: pd.DataFrame, class_names: list[
 def write_reports(name: str, pixels, labels, probabilities, before, metrics: dict, per_class: pd.DataFrame,
                   class_names: list[str], gallery_size: int) -> None:
     """One model's confusion, per-class and calibration tables, and its three figures."""
-    from imgcls.calibration import reliability
+    from imgcls.calibration import reliability  # imports Keras: after main() chose the backend
 
     predicted = probabilities.argmax(axis=1)
     write_csv(CONFUSION_DIR / f"{name}.csv",

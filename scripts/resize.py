@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from imgcls.dataset import (
@@ -94,9 +96,6 @@ def _duplicate_groups(index: pd.DataFrame, max_distance: int) -> pd.Series:
     catches both kinds; pairs whose perceptual hashes differ in at most
     `max_distance` bits (none when it is 0) join their groups, transitively.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     identical_to = index.groupby("pixel_hash")["id"].transform("min").to_numpy()
     first, second = index["id"].to_numpy(), identical_to
     if max_distance > 0:

@@ -103,7 +103,7 @@ def load_class_names() -> list[str]:
 
 
 def load_manifest() -> pd.DataFrame:
-    import pandas as pd
+    import pandas as pd  # here, not above: the serving path imports this module for its paths, without pandas
 
     # Class names stay text even when they look like numbers (digits' classes are "0".."9").
     return pd.read_csv(require(MANIFEST_FILE, "split"), keep_default_na=False, dtype={"label": str, "path": str})

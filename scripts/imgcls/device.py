@@ -23,7 +23,9 @@ and the backend's view of the devices).
 
 from __future__ import annotations  # the plan runs on whatever python3 a machine has, 3.8 included
 
+import importlib.util
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -168,8 +170,6 @@ def choose_backend(required: str | None = None) -> str:
 
 def _jax_cuda_plugins() -> list[str]:
     """The CUDA major versions of JAX's CUDA plugins installed here: ["13"], ["12"] or []."""
-    import importlib.util
-
     return [major for major in ("13", "12") if importlib.util.find_spec(f"jax_cuda{major}_plugin") is not None]
 
 
@@ -390,8 +390,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     if not name:
-        import platform
-
         name = platform.processor() or platform.machine()
     vector = next((label for flag, label in (("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
                                              ("avx2", "AVX2")) if flag in flags), "")
