@@ -1,18 +1,27 @@
 """Stage `export`: the chosen model as files that run without Keras: TFLite and ONNX.
 
 Writes, in models/export/, one file per format of export.formats:
-  <model>.tflite  TensorFlow Lite (float16 or dynamic-range quantised weights), for LiteRT and phones;
+  <model>.tflite  TensorFlow Lite (float16, dynamic-range or full-integer INT8), for LiteRT and phones;
   <model>.onnx    ONNX (opset 18, float32 weights), for onnxruntime, TensorRT, OpenVINO;
-with the model card <model>.json (class names, image geometry) and <model>.labels.txt
-(one class per line, in output order) beside them. Each file's input is the same
-as the Keras model's: (N, size, size, 3) float32 pixels in 0..255, preprocessing
-inside. The stage then runs each file on the test split with the runtime that
-serves it (LiteRT, onnxruntime) and records in reports/export/metrics.json how
-often its top-1 class agrees with the Keras model's, how far its probabilities
-are from Keras', and its size: an export must not change the answers. A file
-that agrees on less than export.min_agreement of the test images stops the
-stage, and nothing is written: the files are made and checked in a staging
-folder and moved into models/export only once every one of them has passed.
+and with export.onnx_quantization int8, <model>.int8.onnx beside the float32 file
+(statically quantised, QDQ), so the serving image keeps float32 unless asked.
+The model card <model>.json (class names, image geometry, and which precision
+each file holds; <model>.int8.json, the same, beside the INT8 ONNX file) and
+<model>.labels.txt (one class per line, in output order) go beside them. Each
+file's input is the same as the Keras model's: (N, size, size, 3) float32
+pixels in 0..255, preprocessing inside; its output float32 probabilities. INT8
+files are calibrated on a seeded sample of training photos (imgcls/quantize.py).
+
+The stage then runs each file on the test split with the runtime that serves
+it (LiteRT, onnxruntime) and records in reports/export/metrics.json how often
+its top-1 class agrees with the Keras model's, its test accuracy, how far its
+probabilities are from Keras', and its size. A float file must not change the
+answers: one that agrees on less than export.min_agreement of the test images
+stops the stage. An INT8 file changes a few by design, so it must keep its
+accuracy instead: one that loses more than export.max_accuracy_drop against
+Keras stops the stage. Either way nothing is written: the files are made and
+checked in a staging folder and moved into models/export only once every one
+of them has passed.
 
 A model trained in mixed precision (bfloat16 or float16 computations, as on a
 recent GPU) is rebuilt in float32 with the same weights before conversion:
@@ -37,6 +46,7 @@ from imgcls.dataset import MODELS_DIR, REPORTS_DIR, load_split, write_json
 from imgcls.errors import UserError, run_stage
 from imgcls.params import load_params
 from imgcls.predict import Classifier, choose_model
+from imgcls.quantize import TFLITE_PRECISION, calibration_sample, onnx_int8, tflite_flatbuffer
 
 METRICS_FILE = REPORTS_DIR / "export" / "metrics.json"
 EXPORT_DIR = MODELS_DIR / "export"
@@ -119,24 +129,12 @@ def without_antialiasing(model):
     return copy
 
 
-def convert(model, quantization: str) -> bytes:
-    """The TFLite flatbuffer of `model`, float16 or dynamic-range quantised."""
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if quantization == "float16":
-        converter.target_spec.supported_types = [tf.float16]
-    # With Optimize.DEFAULT and no representative dataset, the rest is dynamic-range
-    # quantisation: 8-bit weights, float activations.
-    return converter.convert()
-
-
-def tflite_file(model, quantization: str) -> tuple[bytes, bool]:
-    """The TFLite flatbuffer of `model`, and whether its antialiased resizing became plain bilinear."""
+def tflite_file(model, quantization: str, sample: np.ndarray | None) -> tuple[bytes, bool]:
+    """The TFLite flatbuffer of `model` (INT8 calibrated on `sample`), and whether its antialiased resizing
+    became plain bilinear."""
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints a description of every traced function
         plain_resizing = without_antialiasing(model)
-        return convert(plain_resizing or model, quantization), plain_resizing is not None
+        return tflite_flatbuffer(plain_resizing or model, quantization, sample), plain_resizing is not None
 
 
 def antialiased_resize(graph) -> bool:
@@ -184,9 +182,9 @@ def drop_unused(graph) -> None:
         graph.initializer.remove(tensor)
 
 
-def onnx_file(model, quantization: str) -> tuple[bytes, bool]:
+def onnx_file(model, quantization: str, sample: np.ndarray | None) -> tuple[bytes, bool]:
     """The ONNX file of `model` (float32 whatever `quantization`, opset 18, any batch size), and whether its
-    resizing lost its antialiasing (never: see antialiased_resize).
+    resizing lost its antialiasing (never: see antialiased_resize). Its INT8 copy is made from it (onnx_int8).
 
     tf2onnx converts the model's inference graph: a tf.function calling the model
     with training=False. Keras' own `model.export(format="onnx")` (Keras 3.15.1)
@@ -214,21 +212,48 @@ def onnx_file(model, quantization: str) -> tuple[bytes, bool]:
 EXPORTERS = {"tflite": tflite_file, "onnx": onnx_file}
 
 
-def export_file(model, path: Path, quantization: str) -> dict:
+def precisions(settings) -> dict[str, str]:
+    """The file name of each file export writes, with the precision it holds: float32, float16, int8, or
+    "int8 weights, float activations" (dynamic-range TFLite)."""
+    files = {f"{settings.model}.{format_name}": TFLITE_PRECISION[settings.quantization]
+             if format_name == "tflite" else "float32" for format_name in settings.formats}
+    if settings.onnx_quantization == "int8":
+        files[f"{settings.model}.int8.onnx"] = "int8"
+    return files
+
+
+def export_file(model, path: Path, quantization: str, sample: np.ndarray | None, precision: str) -> dict:
     """Write `model` in the format its suffix names; return the file's entry of the metrics."""
-    content, plain_resizing = EXPORTERS[path.suffix[1:]](model, quantization)
+    content, plain_resizing = EXPORTERS[path.suffix[1:]](model, quantization, sample)
     path.write_bytes(content)
     return {
         "bytes": len(content),
         **({"quantization": quantization} if path.suffix == ".tflite" else {}),
+        "precision": precision,
         # True when the Keras model's antialiased resizing became plain bilinear resizing.
         "resizing_without_antialiasing": plain_resizing,
     }
 
 
-def write_card(classifier: Classifier, name: str, folder) -> None:
-    """The model card and the labels file beside the exported files, for whatever runs them."""
-    (folder / f"{name}.json").write_text(json.dumps(classifier.card, indent=2) + "\n")
+def export_onnx_int8(float_file: Path, sample: np.ndarray) -> tuple[Path, dict]:
+    """Write <model>.int8.onnx beside the float32 <model>.onnx; return its path and its entry of the metrics."""
+    path = float_file.with_suffix(".int8.onnx")
+    onnx_int8(float_file, path, sample)
+    return path, {"bytes": path.stat().st_size, "precision": "int8", "resizing_without_antialiasing": False}
+
+
+def write_card(classifier: Classifier, name: str, folder, files: dict[str, str]) -> None:
+    """The model card and the labels file beside the exported files, for whatever runs them.
+
+    The card lists every exported file with the precision it holds (its
+    `trained_on.precision` is the training's). Each runtime finds a file's
+    card under the file's own name (best.int8.onnx: best.int8.json), so the
+    INT8 ONNX file gets a copy of it.
+    """
+    listed = {file_name: {"precision": precision} for file_name, precision in files.items()}
+    card = json.dumps({**classifier.card, "files": listed}, indent=2) + "\n"
+    for file_name in files:
+        (folder / file_name).with_suffix(".json").write_text(card)
     (folder / f"{name}.labels.txt").write_text("\n".join(classifier.class_names) + "\n")
 
 
@@ -291,6 +316,42 @@ def require_agreement(published: Path, figures: dict, minimum: float, images: in
                     f" {EXPORT_DIR}. {hint}; or lower export.min_agreement if that difference is acceptable.")
 
 
+def require_accuracy(published: Path, figures: dict, keras_accuracy: float | None, maximum_drop: float,
+                     images: int) -> None:
+    """Stop the stage when an INT8 file's test accuracy is more than export.max_accuracy_drop below Keras'.
+
+    `figures` is compare()'s; an empty test split gives no figure, and nothing to refuse.
+    """
+    accuracy = figures["test_accuracy"]
+    # Rounded, so that a drop of exactly the maximum (1 image of 100 at 0.01) passes despite float error.
+    if accuracy is None or round(keras_accuracy - accuracy, 9) <= maximum_drop:
+        return
+    setting = "export.quantization" if Path(published).suffix == ".tflite" else "export.onnx_quantization"
+    resizing = (" It also resizes without antialiasing (TFLite has no antialiased resize): export.formats: [onnx]"
+                " keeps it." if figures.get("resizing_without_antialiasing") else "")
+    raise UserError(f"export: {published} (int8) would classify {accuracy:.2%} of the {images} test images"
+                    f" correctly, against {keras_accuracy:.2%} for the Keras model: a drop of"
+                    f" {keras_accuracy - accuracy:.4f}, above export.max_accuracy_drop ({maximum_drop:g}), so nothing"
+                    f" was written to {EXPORT_DIR}.{resizing} Calibrate it on more training photos"
+                    f" (export.calibration_images) or keep this format in float ({setting}); or raise"
+                    " export.max_accuracy_drop if that loss is acceptable.")
+
+
+def check_file(path: Path, entry: dict, test: tuple, keras_accuracy: float | None, settings) -> None:
+    """Run an exported file on the test split, add the figures to its `entry`, and stop the stage unless it
+    passes its gate: agreement with Keras for a float file, accuracy for an INT8 one."""
+    pixels, keras_probabilities, labels = test
+    entry.update(check_export(path, pixels, keras_probabilities, labels))
+    published = EXPORT_DIR / path.name
+    if entry["precision"] == "int8":
+        require_accuracy(published, entry, keras_accuracy, settings.max_accuracy_drop, len(pixels))
+    else:
+        require_agreement(published, entry, settings.min_agreement, len(pixels))
+    accuracy = "" if entry["test_accuracy"] is None else f", test accuracy {entry['test_accuracy']:.2%}"
+    print(f"export: {published} ({entry['precision']}, {entry['bytes'] / 1e6:.2f} MB); top-1 agrees with Keras"
+          f" on {entry['top1_agreement'] or 0:.2%} of {len(pixels)} test images{accuracy}")
+
+
 def main() -> None:
     params = load_params()
     settings = params.export
@@ -313,16 +374,23 @@ def main() -> None:
         # True when the model computed in bfloat16 or float16 and was converted from its float32 copy.
         "rebuilt_in_float32": model is not classifier.runtime.model,
     }
+    files = precisions(settings)
+    sample = None
+    if "int8" in files.values():
+        sample = calibration_sample(classifier.image_size, settings.calibration_images, params.seed)
+        metrics["calibration_images"] = len(sample)
+    test = (pixels, keras_probabilities, labels)
+    print(f"export: {model_file} ({metrics['keras_bytes'] / 1e6:.2f} MB, test accuracy"
+          f" {metrics['keras_test_accuracy'] or 0:.2%}) → {EXPORT_DIR}/")
     with staging_folder() as staging:
-        write_card(classifier, settings.model, staging)
+        write_card(classifier, settings.model, staging, files)
         for format_name in settings.formats:
             path = staging / f"{settings.model}.{format_name}"
-            metrics[format_name] = export_file(model, path, settings.quantization)
-            metrics[format_name].update(check_export(path, pixels, keras_probabilities, labels))
-            require_agreement(EXPORT_DIR / path.name, metrics[format_name], settings.min_agreement, len(pixels))
-            print(f"export: {model_file} → {EXPORT_DIR / path.name} ({metrics[format_name]['bytes'] / 1e6:.2f} MB,"
-                  f" Keras {metrics['keras_bytes'] / 1e6:.2f} MB); top-1 agrees with Keras on"
-                  f" {metrics[format_name]['top1_agreement']:.2%} of {len(pixels)} test images")
+            metrics[format_name] = export_file(model, path, settings.quantization, sample, files[path.name])
+            check_file(path, metrics[format_name], test, metrics["keras_test_accuracy"], settings)
+        if settings.onnx_quantization == "int8":
+            path, metrics["onnx_int8"] = export_onnx_int8(staging / f"{settings.model}.onnx", sample)
+            check_file(path, metrics["onnx_int8"], test, metrics["keras_test_accuracy"], settings)
         publish(staging)
     write_json(METRICS_FILE, metrics)
 

@@ -4,12 +4,12 @@ Runs in a throw-away copy of the project (a fresh git repo) so the working
 tree is never touched, and prints one markdown table. Needs the gear photos:
 a Keras cache holding gear_images.zip (KERAS_HOME, or `make bench KERAS_CACHE=...`).
 
-    python tests/benchmark.py [--only data,cnn,transfer,predict,device,near_duplicates,soak,images] [--keep DIR]
+    python tests/benchmark.py [--only data,cnn,transfer,predict,device,near_duplicates,soak,images,export] [--keep DIR]
 
 device: TensorFlow against JAX and the input pipeline's efficiency (`make bench-gpu` on a GPU machine);
 near_duplicates needs no gear photos: it reads CIFAR-10 (tests/bench_near_duplicates.py); soak: the
 servers' memory under 10,000 mixed requests; images: the serving image's size and start-up (needs
-podman or docker).
+podman or docker); export: each INT8 file against its float32 one (tests/bench_export.py).
 
 `--only cifar` (not part of the default run: hours on a CPU at full budget)
 trains the CIFAR-10 preset through the pipeline on a local copy of CIFAR-10,
@@ -46,7 +46,8 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path[:0] = [str(REPO / "scripts"), str(TESTS)]
 from imgcls.params import old_cnn_key  # noqa: E402  (found through the path above)
-SECTIONS = ("data", "cnn", "transfer", "predict", "device", "near_duplicates", "soak", "images")  # `make bench`
+SECTIONS = ("data", "cnn", "transfer", "predict", "device", "near_duplicates", "soak", "images",
+            "export")  # `make bench`
 EXTRA_SECTIONS = ("cnn_splits", "cifar")  # only when asked for
 # Sections that need no gear photos in the work folder.
 STANDALONE_SECTIONS = {"near_duplicates", "cifar"}

@@ -313,8 +313,11 @@ class ServeParams(Section):
 class ExportParams(Section):
     model: Literal["cnn", "transfer", "best"]
     formats: list[Literal["tflite", "onnx"]] = Field(min_length=1)
-    quantization: Literal["float16", "dynamic"]
-    min_agreement: float = Field(gt=0, le=1)  # least top-1 agreement of each file with Keras on the test split
+    quantization: Literal["float16", "dynamic", "int8"]  # of the TFLite file
+    onnx_quantization: Literal["none", "int8"]  # int8 adds <model>.int8.onnx beside the float32 file
+    calibration_images: int = Field(ge=1, le=100_000)  # train photos an INT8 file is calibrated on
+    min_agreement: float = Field(gt=0, le=1)  # least top-1 agreement of each float file with Keras on the test split
+    max_accuracy_drop: float = Field(ge=0, le=1)  # most test accuracy an INT8 file may lose against Keras
 
     @field_validator("formats")
     @classmethod
@@ -322,6 +325,13 @@ class ExportParams(Section):
         if len(set(formats)) != len(formats):
             raise ValueError(f"formats lists a format twice: {formats}")
         return formats
+
+    @model_validator(mode="after")
+    def _onnx_quantization_needs_onnx(self):
+        if self.onnx_quantization != "none" and "onnx" not in self.formats:
+            raise ValueError(f"onnx_quantization {self.onnx_quantization} quantises the ONNX file, but formats"
+                             f" {self.formats} has no onnx: add onnx to formats, or set onnx_quantization to none")
+        return self
 
 
 class Params(Section):
