@@ -88,6 +88,15 @@ PORT ?= 8000
 serve: setup
 	python scripts/serve.py --port $(PORT)
 
+# Classify a folder of any size into a CSV, in bounded memory (README, Serving); RESUME=1 goes on
+# from a stopped run. MODEL: cnn, transfer, best, or an exported file such as models/export/best.onnx.
+#   make predict DIR=/data/new-photos [MODEL=...] [OUT=predictions.csv] [RESUME=1]
+.PHONY: predict
+OUT ?= predictions.csv
+predict: setup
+	@test -n "$(DIR)" || { echo "give the folder of photos: make predict DIR=path/to/photos [MODEL=...] [OUT=...]"; exit 2; }
+	python scripts/predict_new.py --images "$(DIR)" --out "$(OUT)" $(if $(MODEL),--model "$(MODEL)") $(if $(RESUME),--resume)
+
 # Container images, built with podman (or docker): README, Containers.
 #   make image-serve && podman run -p 8000:8000 imgcls-serve
 # IMAGE_ARGS passes more build options, e.g. IMAGE_ARGS="--build-arg BASE=my-python-3.11-image".

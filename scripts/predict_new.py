@@ -2,97 +2,65 @@
 
 As a stage it reads predict_new.* in params.yaml (by default the held-out photos
 in data/holdout, which no model has seen) and writes reports/predictions.csv and
-reports/predictions.png. The same script is a command-line tool:
+reports/predictions.png. The same script is a command-line tool for folders of
+any size (a camera-trap dump, last month's product photos):
 
-    python scripts/predict_new.py --images DIR_OR_FILES... --out predictions.csv [--model cnn|transfer|best|PATH]
+    python scripts/predict_new.py --images DIR_OR_FILES... [--out predictions.csv] [--model cnn|transfer|best|PATH]
+                                  [--resume] [--workers N]
 
 A folder may hold the photos directly or in class sub-folders (then the CSV has
 their true labels). A file that is not a usable image becomes a row with its
-error; it never stops the batch.
+error; it never stops the run. Photos are decoded by worker processes and the
+CSV grows a batch at a time, so memory stays flat however many photos there
+are; a stopped run keeps its rows, and `--resume` goes on from there. Given an
+exported .onnx or .tflite file (`--model models/export/best.onnx`), it runs
+without TensorFlow, Keras or JAX (requirements-serve.txt); without matplotlib
+it writes the CSV alone.
 """
 
 import argparse
-import concurrent.futures
+import contextlib
 import math
+import os
+import signal
+import sys
 import textwrap
+import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+from tqdm import tqdm
 
-from imgcls import device
-from imgcls.dataset import REPORTS_DIR, atomic_path, write_csv
-from imgcls.errors import UserError, run_stage
-from imgcls.images import BadImage
-from imgcls.params import load_params
+from imgcls import bulk, device
+from imgcls.dataset import REPORTS_DIR, atomic_path
+from imgcls.errors import Terminated, UserError, run_stage
 from imgcls.modelio import load_card
-from imgcls.predict import MODEL_CHOICES, Classifier, choose_model, find_images
+from imgcls.params import load_params
+from imgcls.predict import MODEL_CHOICES, Classifier, choose_model
 
 PREDICTIONS_FILE = REPORTS_DIR / "predictions.csv"
-# Photos decoded ahead of the model: enough to keep it busy, few enough to bound memory.
-DECODE_AHEAD_BATCHES = 4
 
 
-def predict_files(classifier: Classifier, files: list[tuple[Path, str]], workers: int = 2):
-    """Classify the files in batches; return (CSV rows, decoded pixels of each readable file or None)."""
-    top_columns = {}
-    for rank in range(1, classifier.top_k + 1):
-        top_columns |= {f"top{rank}_class": "", f"top{rank}_probability": np.nan}
-    rows, pixels_of = [], []
-
-    def decode(path):
-        try:
-            return classifier.decode(path), ""
-        except BadImage as error:
-            return None, str(error)
-        except OSError as error:  # unreadable file: permissions, a vanished file
-            return None, f"cannot read: {error.strerror or error}"
-
-    chunk = classifier.batch_size * DECODE_AHEAD_BATCHES
-    # Pillow releases the GIL while decoding, so threads overlap decoding with inference.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as executor:
-        for start in range(0, len(files), chunk):
-            part = files[start:start + chunk]
-            decoded = list(executor.map(decode, [path for path, _ in part]))
-            readable = [pixels for pixels, _ in decoded if pixels is not None]
-            predictions = iter(classifier.classify(np.stack(readable)) if readable else [])
-            for (path, label), (pixels, error) in zip(part, decoded):
-                row = {"image": str(path), "true_label": label, "predicted": "", "confidence": np.nan,
-                       "unknown": "", "best_guess": "", **top_columns, "error": error}
-                if pixels is not None:
-                    prediction = next(predictions)
-                    row |= {"predicted": prediction.predicted, "confidence": prediction.confidence,
-                            "unknown": prediction.unknown, "best_guess": prediction.best_guess}
-                    for rank, (name, probability) in enumerate(prediction.top, start=1):
-                        row |= {f"top{rank}_class": name, f"top{rank}_probability": probability}
-                rows.append(row)
-                pixels_of.append(pixels)
-    return pd.DataFrame(rows), pixels_of
-
-
-def draw_grid(frame: pd.DataFrame, pixels_of: list, path: Path, max_images: int, min_confidence: float) -> None:
-    """Each readable photo as the model saw it, its predicted class and a bar of its top-k probabilities."""
-    # Imported here: pyplot must load after the file-only Agg backend is chosen.
+def draw_grid(shown: list[tuple[dict, object]], summary: bulk.Summary, top_k: int, path: Path,
+              min_confidence: float) -> None:
+    """Each shown photo as the model saw it, its predicted class and a bar of its top-k probabilities."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [index for index, pixels in enumerate(pixels_of) if pixels is not None][:max_images]
-    top_k = sum(1 for column in frame.columns if column.endswith("_class") and column.startswith("top"))
     columns = min(6, max(1, len(shown)))
     lines = max(1, math.ceil(len(shown) / columns))
     figure = plt.figure(figsize=(2.6 * columns, (2.6 + 0.28 * top_k + 0.5) * lines), layout="constrained")
     cells = figure.subfigures(lines, columns, squeeze=False)
     for cell in cells.flat:
         cell.set_facecolor("white")
-    for cell, index in zip(cells.flat, shown):
-        row = frame.iloc[index]
+    for cell, (row, pixels) in zip(cells.flat, shown):
         image_axes, bar_axes = cell.subplots(2, 1, height_ratios=[2.6, 0.28 * top_k + 0.2])
-        image_axes.imshow(pixels_of[index])
+        image_axes.imshow(pixels)
         image_axes.set_xticks([])
         image_axes.set_yticks([])
-        if row["unknown"]:
+        unknown = row["unknown"] == "True"
+        if unknown:
             title, colour = f"unknown\n(maybe {row['best_guess']})", "darkorange"
         else:
             title = row["predicted"]
@@ -101,8 +69,8 @@ def draw_grid(frame: pd.DataFrame, pixels_of: list, path: Path, max_images: int,
             title += f"\ntrue: {row['true_label']}"
         image_axes.set_title(title, fontsize=9, color=colour)
         names = [row[f"top{rank}_class"] for rank in range(1, top_k + 1)][::-1]
-        values = [row[f"top{rank}_probability"] for rank in range(1, top_k + 1)][::-1]
-        bar_axes.barh(range(top_k), values, color=["tab:blue"] * (top_k - 1) + ["tab:orange" if row["unknown"] else "tab:green"])
+        values = [float(row[f"top{rank}_probability"]) for rank in range(1, top_k + 1)][::-1]
+        bar_axes.barh(range(top_k), values, color=["tab:blue"] * (top_k - 1) + ["tab:orange" if unknown else "tab:green"])
         bar_axes.set_yticks(range(top_k), [textwrap.shorten(name, 18, placeholder="…") for name in names], fontsize=7)
         bar_axes.set_xlim(0, 1)
         bar_axes.axvline(min_confidence, color="grey", linestyle=":", linewidth=1)
@@ -111,24 +79,18 @@ def draw_grid(frame: pd.DataFrame, pixels_of: list, path: Path, max_images: int,
             bar_axes.text(min(value, 0.75) + 0.02, position, f"{value:.0%}", va="center", fontsize=6)
     for cell in list(cells.flat)[len(shown):]:
         cell.subplots().axis("off")
-    errors = int((frame["error"] != "").sum())
-    heading = f"{len(shown)} of {len(frame)} images" + (f"; {errors} unreadable, listed in the CSV" if errors else "")
+    errors = summary.unreadable
+    heading = f"{len(shown)} of {summary.rows} images" + (f"; {errors} unreadable, listed in the CSV" if errors else "")
     figure.suptitle(f"Predictions ({heading}); dotted line: min_confidence {min_confidence:g}", fontsize=10)
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
 
 
-def summary(frame: pd.DataFrame) -> str:
-    readable = frame[frame["error"] == ""]
-    labelled = readable[readable["true_label"] != ""]
-    parts = [f"{len(readable)} classified", f"{int((readable['unknown'] == True).sum())} unknown"]  # noqa: E712
-    if len(frame) > len(readable):
-        parts.append(f"{len(frame) - len(readable)} unreadable")
-    if len(labelled):
-        correct = int((labelled["predicted"] == labelled["true_label"]).sum())
-        parts.append(f"{correct}/{len(labelled)} labelled images right")
-    return ", ".join(parts)
+def default_workers() -> int:
+    """Decoding processes: half the cores, so that the model keeps the other half; at least 1, at most 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(1, min(4, cores // 2))
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -136,21 +98,26 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", nargs="+", help="image files and/or folders (default: predict_new.input_dir)")
     parser.add_argument("--out", help="predictions CSV (default: reports/predictions.csv, or predictions.csv with --images);"
                         " the figure goes beside it as .png")
-    parser.add_argument("--model", help="cnn, transfer, best or a .keras path (default: predict_new.model)")
+    parser.add_argument("--model", help="cnn, transfer, best, or the path of a .keras, .onnx or .tflite file"
+                        " (default: predict_new.model)")
     parser.add_argument("--top-k", type=int, help="classes listed per image (default: predict_new.top_k)")
     parser.add_argument("--min-confidence", help="below it a photo is 'unknown': a number from 0 to 1, or auto (the"
                         " threshold in the model card); default: predict_new.min_confidence")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in the CSV (of a stopped run)"
+                        " and classify only the photos it does not list yet")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="processes decoding photos (default: half the cores, 1 to 4; here %(default)s)")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    arguments = parse_arguments(argv)
-    settings = load_params().predict_new
-    device.choose_backend()
+def chosen_settings(arguments: argparse.Namespace, settings) -> tuple[int, float | str]:
+    """(top_k, min_confidence): the command line's, or else params.yaml's."""
     top_k = settings.top_k if arguments.top_k is None else arguments.top_k
     min_confidence = settings.min_confidence if arguments.min_confidence is None else arguments.min_confidence
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}.")
+    if arguments.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {arguments.workers}.")
     if min_confidence != "auto":
         try:
             min_confidence = float(min_confidence)
@@ -158,28 +125,83 @@ def main(argv=None) -> None:
             min_confidence = -1.0
         if not 0 <= min_confidence <= 1:
             raise UserError(f"--min-confidence must be a number between 0 and 1 or auto, got {arguments.min_confidence}.")
+    return top_k, min_confidence
+
+
+def output_file(arguments: argparse.Namespace) -> Path:
     # Photos given on the command line are not the stage's input: keep its report out of their way.
     out = Path(arguments.out or ("predictions.csv" if arguments.images else PREDICTIONS_FILE))
     if out.suffix.lower() != ".csv":
         raise UserError(f"--out {out}: give a .csv file name; the figure is written beside it as {out.stem}.png.")
+    return out
 
-    inputs = arguments.images or [settings.input_dir]
+
+def input_paths(arguments: argparse.Namespace, settings) -> list[str]:
     if not arguments.images and not Path(settings.input_dir).exists():
         raise UserError(
             f"predict_new.input_dir = {settings.input_dir!r} does not exist: put new photos there"
             " (directly or in class sub-folders) or point the param at a folder of photos."
         )
+    return arguments.images or [settings.input_dir]
+
+
+def can_draw() -> bool:
+    """Whether matplotlib is there for the figure (the serving environment has none): said once if not."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: writing the CSV only, no figure.", file=sys.stderr)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def keeping_rows_when_stopped(table: bulk.PredictionTable):
+    """Ctrl-C or SIGTERM stops the run with every row written so far kept (rather than the stage's "no output
+    was written"): say so, and how to go on."""
+    try:
+        yield
+    except (KeyboardInterrupt, Terminated) as stop:
+        if table.file is None:
+            print("\nstopped before the first photo: nothing was written.", file=sys.stderr)
+        else:
+            print(f"\nstopped: {table.path} keeps the {table.summary.rows} photos classified so far; the same"
+                  " command with --resume goes on from there.", file=sys.stderr)
+        sys.exit(130 if isinstance(stop, KeyboardInterrupt) else 128 + signal.SIGTERM)
+
+
+def main(argv=None) -> None:
+    arguments = parse_arguments(argv)
+    settings = load_params().predict_new
+    top_k, min_confidence = chosen_settings(arguments, settings)
+    out, inputs = output_file(arguments), input_paths(arguments, settings)
     model_file = choose_model(arguments.model or settings.model)
+    if model_file.suffix == ".keras":  # an exported file needs no Keras backend at all
+        device.choose_backend()
     card = load_card(model_file)
-    files = find_images(inputs, card["class_names"])  # before loading the model: bad paths fail fast
-    # A model given by path may come from elsewhere: only a project model must match classes.txt.
-    classifier = Classifier(model_file, top_k=top_k, min_confidence=min_confidence, batch_size=settings.batch_size,
-                            check_classes=None if arguments.model in (None, *MODEL_CHOICES) else False)
-    frame, pixels_of = predict_files(classifier, files)
-    write_csv(out, frame)
-    figure = out.with_suffix(".png")
-    draw_grid(frame, pixels_of, figure, settings.figure_max_images, classifier.min_confidence)
-    print(f"predict_new with {model_file}: {summary(frame)}; wrote {out} and {figure}")
+    table = bulk.PredictionTable(out, bulk.csv_columns(min(top_k, len(card["class_names"]))), resume=arguments.resume,
+                                 figure_limit=settings.figure_max_images if can_draw() else 0)
+    total, already = bulk.count_photos(inputs, card["class_names"], table.done)  # before the model: bad paths fail fast
+    if table.resumed:
+        print(f"resuming: {out} lists {table.summary.rows} photos; {total - already} of {total} left to classify")
+    with keeping_rows_when_stopped(table):
+        with bulk.decoding_workers(card, arguments.workers) as decoders:
+            # A model given by path may come from elsewhere: only a project model must match classes.txt.
+            classifier = Classifier(model_file, top_k=top_k, min_confidence=min_confidence,
+                                    batch_size=settings.batch_size,
+                                    check_classes=None if arguments.model in (None, *MODEL_CHOICES) else False)
+            table.open()
+            started = time.perf_counter()
+            with tqdm(total=total, initial=already, unit="photo", desc="predict_new", mininterval=1) as progress:
+                bulk.classify_all(classifier, decoders, arguments.workers, inputs, table, progress)
+            rate = (total - already) / max(time.perf_counter() - started, 1e-9)
+        table.close()
+        wrote = f"wrote {out}"
+        if table.summary.figure_limit:
+            draw_grid(bulk.photos_to_show(table.summary, card), table.summary, classifier.top_k,
+                      out.with_suffix(".png"), classifier.min_confidence)
+            wrote += f" and {out.with_suffix('.png')}"
+    print(f"predict_new with {model_file}: {table.summary.line()} ({rate:.0f} photos/s); {wrote}")
 
 
 if __name__ == "__main__":

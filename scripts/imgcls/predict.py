@@ -9,7 +9,9 @@ a photo of something outside the classes must not come out as confident gear.
 split and wrote in the model card (imgcls/calibration.py).
 """
 
+import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,27 +68,48 @@ def choose_model(choice: str, models_dir: Path = MODELS_DIR) -> Path:
     return models_dir / f"{max(trained, key=lambda name: scores[name])}.keras"
 
 
-def find_images(inputs: list[Path | str], class_names: list[str]) -> list[tuple[Path, str]]:
-    """(file, true label or "") for every file in the given folders and files, in a stable order.
+def iter_images(inputs: list[Path | str], class_names: list[str]) -> Iterator[tuple[Path, str]]:
+    """(file, true label or "") for every file in the given folders and files, found lazily in a stable order.
 
-    A file inside a sub-folder named after a class is labelled with that class.
+    A folder is walked depth first with each directory's names sorted: the order of
+    sorted(folder.rglob("*")), without listing the whole tree first. A file inside a
+    sub-folder named after a class is labelled with that class. Hidden files and
+    folders and operating-system litter are skipped.
     """
-    found = []
+    found = False
     for entry in map(Path, inputs):
         if entry.is_file():
-            found.append((entry, ""))
+            found = True
+            yield entry, ""
         elif entry.is_dir():
-            for path in sorted(entry.rglob("*")):
-                relative = path.relative_to(entry)
-                if not path.is_file() or any(part in JUNK_NAMES or part.startswith(".") for part in relative.parts):
-                    continue
-                label = relative.parts[0] if len(relative.parts) > 1 and relative.parts[0] in class_names else ""
-                found.append((path, label))
+            for found_file in _walk(entry, "", set(class_names), top=True):
+                found = True
+                yield found_file
         else:
             raise UserError(f"{entry} not found: give existing image files or folders of images.")
     if not found:
         raise UserError(f"no files in {', '.join(map(str, inputs))}: put the photos to classify there.")
-    return found
+
+
+def _walk(folder: Path, label: str, class_names: set[str], top: bool) -> Iterator[tuple[Path, str]]:
+    try:
+        with os.scandir(folder) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+    except PermissionError:  # as rglob: a sub-folder that cannot be listed is passed over
+        return
+    for entry in entries:
+        if entry.name in JUNK_NAMES or entry.name.startswith("."):
+            continue
+        path = folder / entry.name
+        if entry.is_dir(follow_symlinks=False):  # as rglob: a link to a folder is not followed (no loops)
+            yield from _walk(path, (entry.name if entry.name in class_names else "") if top else label, class_names, False)
+        elif entry.is_file():
+            yield path, label
+
+
+def find_images(inputs: list[Path | str], class_names: list[str]) -> list[tuple[Path, str]]:
+    """iter_images as a list."""
+    return list(iter_images(inputs, class_names))
 
 
 def decode_for_model(source, card: dict) -> np.ndarray:
