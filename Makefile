@@ -97,7 +97,7 @@ predict: setup
 	@test -n "$(DIR)" || { echo "give the folder of photos: make predict DIR=path/to/photos [MODEL=...] [OUT=...]"; exit 2; }
 	python scripts/predict_new.py --images "$(DIR)" --out "$(OUT)" $(if $(MODEL),--model "$(MODEL)") $(if $(RESUME),--resume)
 
-# Container images, built with podman (or docker): README, Containers.
+# Container images, built with podman (or docker): docs/serving.md, Containers.
 #   make image-serve && podman run -p 8000:8000 imgcls-serve
 # IMAGE_ARGS passes more build options, e.g. IMAGE_ARGS="--build-arg BASE=my-python-3.11-image".
 ENGINE ?= $(shell command -v podman || command -v docker)

@@ -43,6 +43,7 @@ PREDICTIONS_FILE = REPORTS_DIR / "predictions.csv"
 def draw_grid(shown: list[tuple[dict, object]], summary: bulk.Summary, top_k: int, path: Path,
               min_confidence: float) -> None:
     """Each shown photo as the model saw it, its predicted class and a bar of its top-k probabilities."""
+    # Imported here: the serving environment has no matplotlib (can_draw), and pyplot must load after Agg.
     import matplotlib
 
     matplotlib.use("Agg")
