@@ -5,7 +5,7 @@
 WORKDIR is a project whose data stages ran on the gear photos. First the bulk rows:
 `scripts/predict_new.py` run as a user runs it on generated folders of 2,000 and
 20,000 photos of mixed sizes, with the transfer model exported to ONNX (onnxruntime,
-float32) and as the .keras file: photos/s and the peak RSS of its largest process,
+float32 and INT8) and as the .keras file: photos/s and the peak RSS of its largest process,
 which must not grow with the folder. The transfer model is trained and exported
 first where WORKDIR has none. Then every model in WORKDIR/models is measured:
   - predict_new throughput in images/s (decoding the original photos of data/raw and
@@ -132,7 +132,7 @@ def photo_folder(workdir: Path, count: int) -> Path:
 def bulk_run(workdir: Path, model_file: str, count: int) -> dict:
     """`predict_new.py --images` on a folder of `count` photos: photos/s (its own figure) and peak RSS in MiB."""
     folder = photo_folder(workdir, count)
-    out = workdir / f"bulk_{count}_{Path(model_file).suffix[1:]}.csv"  # one per runtime: compare them
+    out = workdir / f"bulk_{count}_{Path(model_file).name.replace('.', '_')}.csv"  # one per model file: compare them
     command = [sys.executable, "scripts/predict_new.py", "--images", str(folder), "--out", str(out),
                "--model", model_file]
     result = subprocess.run([sys.executable, "-c", MEASURED, *command], cwd=workdir, env=_env(),
@@ -149,12 +149,14 @@ def bulk_run(workdir: Path, model_file: str, count: int) -> dict:
 
 
 def bulk_rows(workdir: Path) -> list[dict]:
-    """Bulk prediction of the transfer model, as ONNX on onnxruntime and as the .keras file, at each BULK_SIZES."""
+    """Bulk prediction of the transfer model, as ONNX (float32 and INT8) on onnxruntime and as the .keras file,
+    at each BULK_SIZES."""
     prepare_models(workdir)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "CPU")
     rows = []
     for runtime, model_file in (("onnxruntime float32", "models/export/transfer.onnx"),
+                                ("onnxruntime INT8", "models/export/transfer.int8.onnx"),
                                 ("Keras", "models/transfer.keras")):
         small, large = (bulk_run(workdir, model_file, count) for count in BULK_SIZES)
         rows.append({

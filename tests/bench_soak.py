@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
+import yaml
 
 from serving import free_port, running_server
 
@@ -40,15 +41,17 @@ def _env(**extra) -> dict:
 
 
 def prepare_models(workdir: Path) -> None:
-    """Train the transfer model and export it to ONNX in WORKDIR, unless already there."""
+    """Train the transfer model and export it to ONNX, float32 and INT8, in WORKDIR, unless already there."""
     if not (workdir / "models" / "transfer.keras").exists():
         subprocess.run([sys.executable, "scripts/train_transfer.py"], cwd=workdir, env=_env(), check=True,
                        capture_output=True)
-    if not (workdir / "models" / "export" / "transfer.onnx").exists():
+    if not (workdir / "models" / "export" / "transfer.int8.onnx").exists():
         params = workdir / "params.yaml"
         original = params.read_text()
+        changed = yaml.safe_load(original)
+        changed["export"].update(model="transfer", onnx_quantization="int8")
         try:
-            params.write_text(original.replace("\n  model: best\n  # Formats", "\n  model: transfer\n  # Formats"))
+            params.write_text(yaml.safe_dump(changed, sort_keys=False))
             subprocess.run([sys.executable, "scripts/export.py"], cwd=workdir, env=_env(), check=True,
                            capture_output=True)
         finally:
