@@ -90,3 +90,13 @@ def test_a_stage_with_an_empty_checkpoint_trains_from_the_start(prepared):
     assert "is unreadable" in result.stderr and "resuming" not in result.stdout
     assert len(pd.read_csv(prepared.root / "reports/cnn/history.csv")) == 2
     assert (prepared.root / ".checkpoints/train_cnn.npz.unreadable").exists()
+
+
+def test_a_stages_worker_processes_end_quietly_when_their_pool_is_closed(project):
+    # resize's decoding pool is forked, so its workers inherit the stage's SIGTERM handler; closing the
+    # pool sends them SIGTERM, which must not print a traceback per worker.
+    project.set_params(**{"resize.workers": 2})
+    project.stage("data")
+    result = project.stage("resize")
+    assert "2 workers" in result.stdout
+    assert "Traceback" not in result.stderr and "Terminated" not in result.stderr, result.stderr

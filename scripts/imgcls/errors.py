@@ -15,11 +15,17 @@ class UserError(ValueError):
     """Bad input, bad params or a missing upstream output: the message says how to fix it."""
 
 
+_stage_process = None  # the process that runs the stage (run_stage), not one of its workers
+
+
 class Terminated(BaseException):
     """SIGTERM arrived. A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it."""
 
 
 def _raise_terminated(signal_number, frame):
+    if os.getpid() != _stage_process:
+        # A forked worker (resize's decoding pool) inherits this handler; it ends quietly, as by default.
+        os._exit(128 + signal.SIGTERM)
     raise Terminated
 
 
@@ -27,6 +33,8 @@ def run_stage(main) -> None:
     # Python's default for SIGTERM is to die at once, silently; raising instead lets the stage
     # say what happened. Outputs and checkpoints are written by atomic rename (dataset.atomic_path),
     # so wherever the exception lands, a file is either complete or absent.
+    global _stage_process
+    _stage_process = os.getpid()
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main()
