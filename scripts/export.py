@@ -129,7 +129,7 @@ def without_antialiasing(model):
     return copy
 
 
-def tflite_file(model, quantization: str, sample: np.ndarray | None) -> tuple[bytes, bool]:
+def tflite_file(model, quantization: str, sample: np.ndarray | None = None) -> tuple[bytes, bool]:
     """The TFLite flatbuffer of `model` (INT8 calibrated on `sample`), and whether its antialiased resizing
     became plain bilinear."""
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints a description of every traced function
@@ -182,7 +182,7 @@ def drop_unused(graph) -> None:
         graph.initializer.remove(tensor)
 
 
-def onnx_file(model, quantization: str, sample: np.ndarray | None) -> tuple[bytes, bool]:
+def onnx_file(model, quantization: str, sample: np.ndarray | None = None) -> tuple[bytes, bool]:
     """The ONNX file of `model` (float32 whatever `quantization`, opset 18, any batch size), and whether its
     resizing lost its antialiasing (never: see antialiased_resize). Its INT8 copy is made from it (onnx_int8).
 
