@@ -148,9 +148,12 @@ def test_memory_does_not_grow_with_the_number_of_photos(exported, tmp_path):
     classifier = Classifier(exported / "models" / "export" / "cnn.onnx", batch_size=BATCH_SIZE, check_classes=False)
     card = json.loads((exported / "models" / "export" / "cnn.json").read_text())
 
-    def peak_bytes(count: int) -> int:
-        photos = photo_folder(tmp_path / f"photos_{count}", count, largest=48)
-        table = bulk.PredictionTable(tmp_path / f"{count}.csv", bulk.csv_columns(3), figure_limit=10, resume=False)
+    def peak_bytes(count: int, run: int) -> int:
+        photos = tmp_path / f"photos_{count}"
+        if run == 1:
+            photo_folder(photos, count, largest=48)
+        table = bulk.PredictionTable(tmp_path / f"{count}_{run}.csv", bulk.csv_columns(3), figure_limit=10,
+                                     resume=False)
         table.open()
         with bulk.decoding_workers(card, 2) as decoders:
             tracemalloc.start()
@@ -163,6 +166,9 @@ def test_memory_does_not_grow_with_the_number_of_photos(exported, tmp_path):
         assert table.summary.rows == count + 2 and len(table.summary.shown) == 10
         return peak
 
-    small, large = peak_bytes(100), peak_bytes(1_000)
+    # Each the lower of two runs: a passing burst of another thread's allocations (once, in a full test
+    # run: 8 MB, more than all 1,000 photos' pixels) says nothing about what the stream keeps.
+    small = min(peak_bytes(100, run) for run in (1, 2))
+    large = min(peak_bytes(1_000, run) for run in (1, 2))
     photo_bytes = 32 * 32 * 3
     assert large - small < 900 * photo_bytes / 4, (small, large)
