@@ -34,7 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -56,21 +55,6 @@ QUICK_PARAMS = {
     "train_transfer.head.epochs": 2, "train_transfer.fine_tune.epochs": 1, "train_transfer.fine_tune.unfreeze": 10,
     "train_transfer.fine_tune.cached_copies": 1,
 }
-
-
-def set_params(workdir: Path, changes: dict) -> None:
-    """Set dotted params keys in workdir/params.yaml; every key must exist, so a renamed one fails by name."""
-    path = workdir / "params.yaml"
-    data = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        *parents, name = dotted.split(".")
-        target = data
-        for parent in parents:
-            target = target[parent]
-        if name not in target:
-            raise SystemExit(f"{dotted}: no such key in params.yaml")
-        target[name] = value
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def run_stage(workdir: Path, stage: str) -> float:
@@ -155,11 +139,12 @@ def save_models(workdir: Path, out: Path) -> None:
     shutil.copy2(workdir / "params.yaml", out / "params.yaml")
 
 
-def quick_data(scratch: Path) -> str:
-    """The --quick images: generated, the same every time (seeded), so an export check can make them again."""
-    from conftest import make_dataset
+def use_quick_data(workdir: Path, scratch: Path, changes: dict | None = None) -> None:
+    """Point workdir's params at the --quick images (generated and seeded, so an export check can make them
+    again), with `changes` (dotted keys); a misspelt key stops the first stage, which validates params.yaml."""
+    from conftest import Project, make_dataset
 
-    return str(make_dataset(scratch / "images"))
+    Project(workdir).set_params(**(changes or {}), **{"data.source": str(make_dataset(scratch / "images"))})
 
 
 def export_check(saved: Path, quick: bool) -> list[dict]:
@@ -168,7 +153,7 @@ def export_check(saved: Path, quick: bool) -> list[dict]:
         workdir = make_workdir(Path(scratch) / "project")
         shutil.copy2(saved / "params.yaml", workdir / "params.yaml")
         if quick:
-            set_params(workdir, {"data.source": quick_data(Path(scratch))})
+            use_quick_data(workdir, Path(scratch))
         for stage in ("data", "resize", "split"):
             run_stage(workdir, stage)
         for path in (saved / "models").glob("*"):
@@ -194,7 +179,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="imgcls-gpu-check-") as scratch:
         workdir = make_workdir(Path(scratch) / "project")
         if arguments.quick:
-            set_params(workdir, {**QUICK_PARAMS, "data.source": quick_data(Path(scratch))})
+            use_quick_data(workdir, Path(scratch), QUICK_PARAMS)
         rows, figures = pipeline_rows(workdir)
         rows += efficiency_rows(workdir)
         rows += resume_rows(workdir)
