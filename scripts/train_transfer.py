@@ -1,18 +1,18 @@
 """Stage `train_transfer`: a pretrained ImageNet base with a new head, saved as models/transfer.keras.
 
-Phase 1 trains only the new head (pooling, dropout, dense) on the frozen base.
-Without phase-1 augmentation the base's pooled features never change, so they
-are computed once per image and the head trains on them: each epoch then costs
-milliseconds instead of a full pass of the base over every image.
-Phase 2 (optional) unfreezes the top of the base and fine-tunes it together
-with the head at a lower learning rate, with augmentation and early stopping;
-BatchNormalization layers stay frozen and in inference mode, so their
-ImageNet statistics are not overwritten by small, augmented batches. The
-layers below the unfrozen ones are still frozen, so by default their output
-is computed once for each image and a few augmented copies of it
-(fine_tune.cached_copies), and each epoch runs only the top of the base.
-The epoch with the best validation score over both phases is kept. Curves go
-to reports/transfer/ (DVCLive plots data, history.csv, training.png with the
+Phase 1 fits the head on the frozen base's pooled features, computed once per
+image: by default the linear probe (a logistic regression fitted with L-BFGS,
+its regularisation chosen on validation). Phase 2 (optional) unfreezes the top
+of the base and fine-tunes it together with the head at a lower learning rate,
+with augmentation, until validation stops improving; BatchNormalization
+layers stay frozen and in inference mode, so their ImageNet statistics are
+not overwritten by small, augmented batches. The layers below the unfrozen
+ones are still frozen, so by default their output is computed once for each
+image and a few augmented copies of it (fine_tune.cached_copies), and each
+epoch runs only the top of the base. The epoch with the best validation
+score is kept, and the linear probe replaces it when it scores better on
+validation (probe_candidate); the card says which won. Curves go to
+reports/transfer/ (DVCLive plots data, history.csv, training.png with the
 phase boundary) and the training summary to reports/transfer/train.json.
 The networks are built in imgcls/transfer.py, the phases run in
 imgcls/transfer_training.py.
@@ -49,25 +49,27 @@ def main() -> None:
     data = transfer_training.Data.prepare(run, section, params.seed, len(class_names), train_set, val_set)
     log = callbacks.TrainingLog(REPORT_DIR, title=f"transfer ({section.base})")
     best = callbacks.KeepBest(section.monitor)
-    timings = transfer_training.train_phases(net, data, log, best)
+    timings, probe = transfer_training.train_phases(net, data, log, best)
     log.finish()
+    choice = transfer_training.choose_model(net, data, best, probe)
 
     seconds = time.perf_counter() - started
-    card = training.model_card(NAME, class_names, params.resize, image_size, best.best_logs["val_accuracy"],
+    card = training.model_card(NAME, class_names, params.resize, image_size, choice.val_accuracy,
                                base=section.base, input_size=input_size, best_epoch=best.best_epoch,
-                               trained_on=run.device)
-    classifier, card = calibrate(net.classifier, card, run.batches(data.val_pixels, batch_size=64), data.val_labels,
-                                 params.predict_new.target_coverage)
+                               winner=choice.winner, candidates=choice.candidates, trained_on=run.device)
+    classifier, card = calibrate(choice.classifier, card, run.batches(data.val_pixels, batch_size=64),
+                                 data.val_labels, params.predict_new.target_coverage)
     modelio.save_trained_model(classifier, NAME, card)
     metrics = training.write_training_metrics(
         REPORT_DIR / "train.json", best, seconds, images_seen=len(data.train_labels) * best.epochs_seen,
-        parameters=int(net.classifier.count_params()), trained_on=run.device, **timings,
+        parameters=int(choice.classifier.count_params()), trained_on=run.device, winner=choice.winner,
+        val_accuracy=choice.val_accuracy, **timings,
         **flops.transfer_flops(section, net.base, net.head, net.classifier, log, len(data.train_labels),
                                len(data.val_labels)))
     run.state.finish()
-    print(f"train_transfer: best {section.monitor} {best.best_value:.4f} (val accuracy"
-          f" {best.best_logs['val_accuracy']:.4f}) at epoch {best.best_epoch}/{best.epochs_seen};"
-          f" {metrics['train_seconds']:.0f} s; saved models/{NAME}.keras")
+    print(f"train_transfer: saved models/{NAME}.keras, the {choice.winner.replace('_', '-')} model (val accuracy"
+          f" {choice.val_accuracy:.4f}; best epoch {best.best_epoch} of {best.epochs_seen});"
+          f" {metrics['train_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

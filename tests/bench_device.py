@@ -83,9 +83,9 @@ def probe(workdir: Path) -> dict:
     # included) and with none; twice each, interleaved, keeping the faster of each.
     log, best = TrainingLog(workdir / "reports/bench_callbacks", title="bench"), KeepBest(section.monitor)
     log.start_phase("train")
-    callbacks, _, early_stopping = training.phase_callbacks(model, log, best, max(section.patience, 1))
+    callbacks, _, counting = training.phase_callbacks(model, log, best, max(section.patience, 1))
     state = checkpoint.TrainingState("bench_callbacks", "bench")
-    callbacks.append(state.callback("train", log, best, early_stopping))
+    callbacks.append(state.callback("train", log, best, counting))
     bare, staged = 0.0, 0.0
     for _ in range(2):
         bare = max(bare, steps_per_second([], val))

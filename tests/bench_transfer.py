@@ -30,7 +30,7 @@ def _measure(workdir: Path) -> dict:
     from imgcls.batches import ImageBatches
     from imgcls.dataset import load_class_names, load_split
     from imgcls.optim import OptimizerSettings, build_optimizer
-    from imgcls.transfer_training import compute_features
+    from imgcls.features import compute_features
     from imgcls.params import load_params
 
     params = load_params()

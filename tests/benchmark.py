@@ -23,6 +23,12 @@ at `--budget` PFLOP of training (see tests/bench_cifar.py):
 several splits (tests/bench_cnn.py):
 
     python tests/benchmark.py --only cnn_splits --split-seeds 0,1,2 [--candidate input_size=128 net.filters=[16,32,64,128]]
+
+`--only transfer_splits` (about 70 minutes on 2 CPU cores) trains train_transfer
+with the previous defaults, today's and the linear probe alone, on gear,
+trashnet and trashnet at 30 photos a class, on each split (tests/bench_transfer_splits.py):
+
+    python tests/benchmark.py --only transfer_splits --split-seeds 0,1,2
 """
 
 import argparse
@@ -48,9 +54,9 @@ sys.path[:0] = [str(REPO / "scripts"), str(TESTS)]
 from imgcls.params import old_cnn_key  # noqa: E402  (found through the path above)
 SECTIONS = ("data", "cnn", "transfer", "predict", "device", "near_duplicates", "soak", "images",
             "export")  # `make bench`
-EXTRA_SECTIONS = ("cnn_splits", "cifar")  # only when asked for
+EXTRA_SECTIONS = ("cnn_splits", "cifar", "transfer_splits")  # only when asked for
 # Sections that need no gear photos in the work folder.
-STANDALONE_SECTIONS = {"near_duplicates", "cifar"}
+STANDALONE_SECTIONS = {"near_duplicates", "cifar", "transfer_splits"}
 
 
 def environment() -> dict[str, str]:
@@ -246,7 +252,7 @@ def main() -> None:
     parser.add_argument("--cifar-data", type=Path, help="cifar: CIFAR-10 laid out train/<class>/… and test/<class>/…"
                         " (default ../shared/data/datasets/cifar10-jpeg.tar.gz beside the repository)")
     parser.add_argument("--seeds", default="0", help="cifar: training seeds, e.g. 0,1 (the row gives their mean)")
-    parser.add_argument("--split-seeds", default="0,1,2", help="cnn_splits: split.seed values, e.g. 0,1,2")
+    parser.add_argument("--split-seeds", default="0,1,2", help="cnn_splits, transfer_splits: split.seed values")
     parser.add_argument("--candidate", nargs="+", metavar="KEY=VALUE",
                         help="train_cnn params, e.g. input_size=128 net.filters=[16,32,64,128]; cnn_splits: the"
                              " candidate trained beside the default (default: tests/bench_cnn.py's CANDIDATE);"
@@ -300,6 +306,12 @@ def main() -> None:
             rows += noop_rows(workdir)
         if "cnn_splits" in sections:
             rows += compare_recipes(workdir, tuple(int(seed) for seed in arguments.split_seeds.split(",")), candidate)
+        if "transfer_splits" in sections:
+            from bench_transfer_splits import compare, rows as transfer_rows
+
+            with tempfile.TemporaryDirectory(prefix="imgcls-transfer-splits-") as copies:
+                rows += transfer_rows(compare(Path(copies), tuple(int(seed) for seed in arguments.split_seeds.split(",")),
+                                              ("gear", "trashnet", "trashnet30")))
         if "cifar" in sections:  # last: it replaces the gear photos in the work folder with CIFAR-10
             from bench_cifar import DEFAULT_DATA, run_section
 

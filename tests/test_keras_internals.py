@@ -125,17 +125,38 @@ def test_early_stopping_carries_its_count_into_another_fit():
     counting.on_epoch_end(0, {"val_loss": 1.0})
     counting.on_epoch_end(1, {"val_loss": 2.0})
     for name in ("wait", "best", "best_epoch"):
-        require(counting, name, "early_stopping_state")
-    state = keras_internals.early_stopping_state(counting)
+        require(counting, name, "counts")
+    state = keras_internals.counts(counting)
     assert state == {"wait": 1, "best": 1.0, "best_epoch": 0}
     resumed = keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=2)
     resumed.set_model(model)
     resumed.on_train_begin()  # fit resets the count...
-    keras_internals.restore_early_stopping(resumed, state)  # ... and a resumed run puts it back
+    keras_internals.restore_counts(resumed, state)  # ... and a resumed run puts it back
     resumed.on_epoch_end(2, {"val_loss": 3.0})
     assert model.stop_training, f"{VERSION}: EarlyStopping no longer counts on from wait, best and best_epoch"
-    assert keras_internals.early_stopping_state(resumed) == {"wait": 2, "best": 1.0, "best_epoch": 0}
+    assert keras_internals.counts(resumed) == {"wait": 2, "best": 1.0, "best_epoch": 0}
 
+
+
+def test_reduce_on_plateau_carries_its_count_into_another_fit():
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+    cutting = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=0.3, patience=2, min_delta=0)
+    cutting.set_model(model)
+    cutting.on_train_begin()
+    cutting.on_epoch_end(0, {"val_loss": 1.0})
+    cutting.on_epoch_end(1, {"val_loss": 2.0})
+    for name in ("wait", "best", "cooldown_counter"):
+        require(cutting, name, "counts")
+    state = keras_internals.counts(cutting)
+    assert state == {"wait": 1, "best": 1.0, "cooldown_counter": 0}
+    resumed = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=0.3, patience=2, min_delta=0)
+    resumed.set_model(model)
+    resumed.on_train_begin()
+    keras_internals.restore_counts(resumed, state)
+    resumed.on_epoch_end(2, {"val_loss": 3.0})  # the second epoch without improvement: the rate is cut
+    rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+    assert rate == pytest.approx(0.03), f"{VERSION}: ReduceLROnPlateau no longer counts on from wait and best"
 
 ASYNC_SAFE_CHECK = """
 import sys

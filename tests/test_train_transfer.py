@@ -18,9 +18,11 @@ import pytest
 from conftest import TINY_TRANSFER
 from imgcls import transfer
 from imgcls.errors import UserError
-from imgcls.transfer_training import compute_features
+from imgcls.features import compute_features
 
 TINY = TINY_TRANSFER
+# Phase 1 by gradient descent (the default fits the linear probe instead, with no epochs).
+ADAM_HEAD = {"train_transfer.head.solver": "adam"}
 
 
 # --- bases, preprocessing, weights -------------------------------------------------------------------
@@ -145,7 +147,7 @@ def test_real_imagenet_weights_give_a_linear_probe_far_above_chance():
 
 
 def test_both_phases_train_and_save_a_self_contained_model(prepared):
-    prepared.set_params(**TINY)
+    prepared.set_params(**TINY, **ADAM_HEAD)
     result = prepared.stage("train_transfer")
     assert "features of" in result.stdout and "computed once" in result.stdout
     assert "fine-tuning 10 layers of MobileNetV2 (154 in all), on cached activations" in result.stdout
@@ -155,6 +157,8 @@ def test_both_phases_train_and_save_a_self_contained_model(prepared):
     card = json.loads((root / "models/transfer.json").read_text())
     assert card["name"] == "transfer" and card["base"] == "MobileNetV2" and card["image_size"] == 32
     assert card["class_names"] == (root / "data/split/classes.txt").read_text().split()
+    # The linear probe was a candidate too (probe_candidate), and the card says which of the two was saved.
+    assert card["winner"] in ("fine_tune", "probe") and set(card["candidates"]) == {"fine_tune", "probe"}
     history = pd.read_csv(root / "reports/transfer/history.csv")
     assert list(history["phase"]) == ["head", "head", "fine-tune"]
     assert (root / "reports/transfer/training.png").stat().st_size > 0
@@ -182,8 +186,8 @@ def test_both_phases_train_and_save_a_self_contained_model(prepared):
 
 
 def test_augmentation_afresh_every_epoch_trains_both_phases_on_images(prepared):
-    prepared.set_params(**{**TINY, "train_transfer.head.epochs": 1, "train_transfer.head.augment.flip": "horizontal",
-                           "train_transfer.fine_tune.cached_copies": 0})
+    prepared.set_params(**{**TINY, **ADAM_HEAD, "train_transfer.head.epochs": 1, "train_transfer.probe_candidate": False,
+                           "train_transfer.head.augment.flip": "horizontal", "train_transfer.fine_tune.cached_copies": 0})
     result = prepared.stage("train_transfer")
     assert "computed once" not in result.stdout and "fine-tuning 10 layers of MobileNetV2 (" in result.stdout
     assert "on images" in result.stdout
@@ -222,7 +226,7 @@ def test_train_transfer_runs_on_jax_without_tensorflow(prepared):
 
 
 def test_dvc_repro_runs_the_stage_with_phase_two_off_and_metrics_show_lists_it(prepared):
-    prepared.set_params(**{**TINY, "train_transfer.fine_tune.epochs": 0})
+    prepared.set_params(**{**TINY, **ADAM_HEAD, "train_transfer.fine_tune.epochs": 0})
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     prepared.run(*git, "commit", "-qam", "tiny transfer")
     result = prepared.dvc("repro", "train_transfer")

@@ -35,9 +35,9 @@ def tiny_model(ema_momentum=0.0):
 ALL_CALLBACKS = SETUP + """
 model = tiny_model(ema_momentum=0.9)  # with the weight average: SwapEMAWeights joins the list
 log, best = TrainingLog("report"), KeepBest("val_accuracy")
-callbacks, swap, early_stopping = phase_callbacks(model, log, best, patience=3)
-callbacks.append(checkpoint.TrainingState("train_cnn", "fingerprint").callback("train", log, best, early_stopping))
-assert swap is not None and early_stopping is not None
+callbacks, swap, counting = phase_callbacks(model, log, best, patience=3, plateau=True)
+callbacks.append(checkpoint.TrainingState("train_cnn", "fingerprint").callback("train", log, best, counting))
+assert swap is not None and set(counting) == {"plateau", "early_stopping"}
 print("with the phase's callbacks:", keras_internals.dispatches_asynchronously(callbacks))
 print("with TerminateOnNaN too:", keras_internals.dispatches_asynchronously(callbacks + [keras.callbacks.TerminateOnNaN()]))
 """

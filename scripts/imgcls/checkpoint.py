@@ -102,22 +102,29 @@ class TrainingState:
         print(f"checkpoint: resuming phase {phase!r} after epoch {meta['epoch']} (from {self.path})")
         return meta["epoch"]
 
-    def callback(self, phase: str, log, best, early_stopping=None):
-        """A Keras callback that saves the state after each epoch of `phase` (put it last in the list)."""
-        state = self
+    def callback(self, phase: str, log, best, counting: dict | None = None):
+        """A Keras callback that saves the state after each epoch of `phase` (put it last in the list).
+
+        `counting` holds the phase's EarlyStopping ("early_stopping") and ReduceLROnPlateau ("plateau").
+        """
+        state, counting = self, counting or {}
 
         class SaveEachEpoch(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
-                # EarlyStopping resets its count when fit starts; a resumed phase carries on with it.
-                if early_stopping is not None and state.resumed_phase == phase:
-                    keras_internals.restore_early_stopping(early_stopping, state.saved["meta"]["early_stopping"])
+                # EarlyStopping and ReduceLROnPlateau reset their counts when fit starts; a resumed
+                # phase carries on with them (a rate already cut is in the optimizer's variables).
+                if state.resumed_phase == phase:
+                    saved = state.saved["meta"].get("counting") or {}
+                    for name, callback in counting.items():
+                        if saved.get(name) is not None:
+                            keras_internals.restore_counts(callback, saved[name])
 
             def on_epoch_end(self, epoch, logs=None):
-                state.save(phase, epoch + 1, self.model, log, best, early_stopping)
+                state.save(phase, epoch + 1, self.model, log, best, counting)
 
         return SaveEachEpoch()
 
-    def save(self, phase: str, epoch: int, model, log, best, early_stopping=None) -> None:
+    def save(self, phase: str, epoch: int, model, log, best, counting: dict | None = None) -> None:
         phases = [] if not self.saved else list(self.saved["meta"]["phases"])
         if not phases or phases[-1] != phase:
             phases.append(phase)
@@ -128,8 +135,7 @@ class TrainingState:
             "stopped": bool(model.stop_training),
             "log": log.state(),
             "best": best.state(),
-            "early_stopping": (None if early_stopping is None
-                               else keras_internals.early_stopping_state(early_stopping)),
+            "counting": {name: keras_internals.counts(callback) for name, callback in (counting or {}).items()},
         }
         arrays = {**_numbered_arrays("model", model.variables),
                   **_numbered_arrays("optimizer", model.optimizer.variables),

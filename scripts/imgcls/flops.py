@@ -125,6 +125,8 @@ def transfer_flops(section, base, head, classifier, log, train_images: int, val_
     version of the images (_cache_flops); then each phase costs what
     _head_phase_flops and _fine_tune_phase_flops say. The epochs of each phase
     are read from `log` (its phases and rows), so early stopping is accounted for.
+    A phase 1 fitted as the linear probe has no epochs: its cost is the features,
+    and its L-BFGS fits, a few GFLOP on the pooled features, are left out.
     """
     fine_tune = section.fine_tune.epochs > 0
     flops = _pass_flops(section, base, head, classifier, fine_tune)
@@ -158,10 +160,11 @@ def _pass_flops(section, base, head, classifier, fine_tune: bool) -> PassFlops:
 
 
 def _phase_epochs(log) -> tuple[int, int]:
-    """(head epochs, fine-tuning epochs) that `log` ran: 0 for a phase that did not run."""
+    """(head epochs, fine-tuning epochs) that `log` ran: 0 for a phase that did not run (phase 1 fitted
+    as the linear probe has no epochs)."""
     starts = [start for start, _ in log.phases] + [len(log.rows) + 1]
-    epochs = [later - start for start, later in zip(starts, starts[1:])] + [0, 0]
-    return epochs[0], epochs[1]
+    epochs = {name: later - start for (start, name), later in zip(log.phases, starts[1:])}
+    return epochs.get("head", 0), epochs.get("fine-tune", 0)
 
 
 def _cache_flops(flops: PassFlops, fine_tune, train_images: int, val_images: int) -> tuple[int, int]:

@@ -65,18 +65,23 @@ def allow_jit(layer) -> None:
     layer.supports_jit = True
 
 
-def early_stopping_state(early_stopping: keras.callbacks.EarlyStopping) -> dict:
-    """What EarlyStopping counts between epochs: epochs without improvement, the best value and its epoch."""
-    # EarlyStopping exposes no public state to save; these undocumented attributes are its whole count.
-    return {"wait": int(early_stopping.wait), "best": float(early_stopping.best),
-            "best_epoch": int(early_stopping.best_epoch)}
+# The counts EarlyStopping and ReduceLROnPlateau keep between epochs. Neither exposes public state to
+# save; these undocumented attributes are their whole count.
+COUNTS = {keras.callbacks.EarlyStopping: ("wait", "best", "best_epoch"),
+          keras.callbacks.ReduceLROnPlateau: ("wait", "best", "cooldown_counter")}
 
 
-def restore_early_stopping(early_stopping: keras.callbacks.EarlyStopping, state: dict) -> None:
-    """Put back an early_stopping_state, after fit's on_train_begin has reset the count."""
-    # EarlyStopping has no public way to carry its count over into another fit; these attributes are that count.
+def counts(callback) -> dict:
+    """What an EarlyStopping or ReduceLROnPlateau counts between epochs: epochs without improvement, the best value."""
+    names = COUNTS[type(callback)]
+    return {name: (int if name != "best" else float)(getattr(callback, name)) for name in names}
+
+
+def restore_counts(callback, state: dict) -> None:
+    """Put back `counts`, after fit's on_train_begin has reset them."""
+    # Neither callback has a public way to carry its count over into another fit; these attributes are that count.
     for key, value in state.items():
-        setattr(early_stopping, key, value)
+        setattr(callback, key, value)
 
 
 def run_batch_hooks_in_background(callback_class: type) -> type:

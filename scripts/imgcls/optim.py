@@ -43,14 +43,16 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 
 def learning_rate_schedule(learning_rate: float, schedule: str, epochs: int, steps_per_epoch: int,
                            warmup_epochs: float = 0.0, start: float = WARMUP_START, end: float = 0.0):
-    """The learning rate as a float ("constant") or a Keras schedule over all training steps.
+    """The learning rate as a float ("constant", "plateau") or a Keras schedule over all training steps.
+
+    "plateau" starts constant; a ReduceLROnPlateau callback cuts it (training.phase_callbacks).
 
     "cosine": optional linear warm-up from peak x start, then cosine decay to peak x end;
     "one_cycle": see OneCycle.
     """
     total_steps = max(1, epochs * steps_per_epoch)
     warmup_steps = min(int(round(warmup_epochs * steps_per_epoch)), total_steps - 1)
-    if schedule == "constant":
+    if schedule in ("constant", "plateau"):
         return learning_rate
     if schedule == "cosine":
         if warmup_steps > 0:
@@ -59,7 +61,7 @@ def learning_rate_schedule(learning_rate: float, schedule: str, epochs: int, ste
         return keras.optimizers.schedules.CosineDecay(learning_rate, total_steps, alpha=end)
     if schedule == "one_cycle":
         return OneCycle(learning_rate, warmup_steps, total_steps, start, end)
-    raise ValueError(f"schedule must be constant, cosine or one_cycle, got {schedule!r}")
+    raise ValueError(f"schedule must be constant, plateau, cosine or one_cycle, got {schedule!r}")
 
 
 class ScaledRates:

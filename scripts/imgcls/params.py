@@ -96,6 +96,11 @@ class AugmentParams(Section):
     contrast: float = Field(ge=0, le=1)  # contrast factor range 1 ± contrast
     interpolation: Literal["bilinear", "nearest"]  # how rotated, zoomed and moved pixels are resampled
 
+    @property
+    def off(self) -> bool:
+        """Whether every change is off: the images are seen as they are."""
+        return self.flip == "none" and not (self.rotation or self.zoom or self.translation or self.contrast)
+
 
 class CnnNetParams(Section):
     """train_cnn.net: the network's layers (see imgcls/cnn.py)."""
@@ -237,8 +242,10 @@ def old_cnn_key(key: str, value=None) -> str | None:
 class TransferHeadParams(Section):
     """Phase 1: the new head trained on the frozen base."""
 
+    solver: Literal["lbfgs", "adam"]  # lbfgs: the linear probe (imgcls/probe.py); adam: epochs of gradient descent
     epochs: int = Field(ge=1, le=10000)
     learning_rate: float = Field(gt=0, le=10)
+    patience: int = Field(ge=0)
     augment: AugmentParams  # all off: the base's features are computed once and the head trains on them
 
 
@@ -267,9 +274,10 @@ class TrainTransferParams(Section):
     dropout: float = Field(ge=0, lt=1)
     label_smoothing: float = Field(ge=0, lt=1)
     batch_size: int = Field(ge=1, le=4096)
-    schedule: Literal["constant", "cosine", "one_cycle"]
+    schedule: Literal["plateau", "constant", "cosine", "one_cycle"]
     class_weight: Literal["none", "balanced"]
     monitor: Literal["val_accuracy", "val_loss"]
+    probe_candidate: bool
     mixed_precision: Literal["auto", "none", "float16", "bfloat16"]
     head: TransferHeadParams
     fine_tune: TransferFineTuneParams
@@ -278,6 +286,14 @@ class TrainTransferParams(Section):
     def _positive_units(self):
         if any(value < 1 for value in self.dense_units):
             raise ValueError(f"dense_units must be positive layer widths or [] for none, got {self.dense_units}")
+        return self
+
+    @model_validator(mode="after")
+    def _lbfgs_head_is_linear(self):
+        if self.head.solver == "lbfgs" and (self.dense_units or not self.head.augment.off):
+            raise ValueError("head.solver lbfgs fits a linear head (the linear probe) on the features of the"
+                             " un-augmented photos: set dense_units: [] and turn head.augment off, or set"
+                             " head.solver: adam")
         return self
 
 

@@ -155,35 +155,56 @@ def set_precision(mixed_precision: str) -> None:
     keras.config.set_dtype_policy("float32" if mixed_precision == "none" else f"mixed_{mixed_precision}")
 
 
-def phase_callbacks(model: keras.Model, log: TrainingLog, best: KeepBest, patience: int = 0) -> tuple:
-    """The callbacks every phase trains with: (list, its SwapEMAWeights or None, its EarlyStopping or None).
+# schedule "plateau": the rate is cut to this fraction when validation has not improved for half the patience.
+PLATEAU_FACTOR = 0.3
+# What counts as an improvement for early stopping and the plateau cut: a validation loss (or accuracy)
+# that creeps by less than this (0.1% of a label-smoothed loss near 0.5) would keep a phase going for
+# nothing. Below one photo's worth of accuracy on any validation split under 1,000 photos.
+MIN_IMPROVEMENT = 0.001
 
-    None of them has a per-batch hook that fit must wait for (the non-finite
-    loss check runs on Keras' callback thread), so steps are dispatched without
-    waiting on the host; tests/test_train_cnn.py checks that.
+
+def phase_callbacks(model: keras.Model, log: TrainingLog, best: KeepBest, patience: int = 0,
+                    plateau: bool = False) -> tuple:
+    """The callbacks every phase trains with: (list, its SwapEMAWeights or None, its counting callbacks).
+
+    The counting callbacks (a dict: "early_stopping" when patience > 0, and
+    "plateau" when the rate is cut on plateaus) carry counts between epochs that
+    a checkpoint saves. None of the callbacks has a per-batch hook that fit must
+    wait for (the non-finite loss check runs on Keras' callback thread), so steps
+    are dispatched without waiting on the host; tests/test_train_cnn.py checks that.
     """
     callbacks = [best, log, StopOnNonFiniteLoss()]
-    early_stopping = swap = None
+    swap, counting = None, {}
     if getattr(model.optimizer, "use_ema", False):  # validate and keep the averaged weights (swapped in first)
         swap = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
         callbacks.insert(0, swap)
+    if plateau:
+        # Half-way through the patience the rate is cut; at its end the phase stops. Without patience,
+        # the rate is cut after every 2 epochs without improvement, and the phase runs all its epochs.
+        counting["plateau"] = keras.callbacks.ReduceLROnPlateau(
+            monitor=best.monitor, mode=best.mode, factor=PLATEAU_FACTOR, patience=max(1, patience // 2) if patience
+            else 2, min_delta=MIN_IMPROVEMENT, verbose=0)
     if patience > 0:
-        early_stopping = keras.callbacks.EarlyStopping(monitor=best.monitor, mode=best.mode, patience=patience)
-        callbacks.append(early_stopping)
-    return callbacks, swap, early_stopping
+        counting["early_stopping"] = keras.callbacks.EarlyStopping(monitor=best.monitor, mode=best.mode,
+                                                                   patience=patience, min_delta=MIN_IMPROVEMENT)
+    return callbacks + list(counting.values()), swap, counting
 
 
 def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epochs: int, log: TrainingLog,
-                best: KeepBest, patience: int = 0, state=None, phase: str = "train", verbose: int = 2) -> float:
+                best: KeepBest, patience: int = 0, state=None, phase: str = "train", verbose: int = 2,
+                plateau: bool = False, epochs_param: str | None = None) -> float:
     """model.fit for one phase with the shared callbacks; returns the training seconds.
 
     patience > 0 stops the phase after that many epochs without a better
-    `best.monitor`. With a checkpoint.TrainingState, the phase resumes where a
-    killed run of the same stage stopped, and saves its state after every
-    epoch. Call `best.restore(model)` after the last phase.
+    `best.monitor`; `plateau` cuts the learning rate (a constant one) on the
+    way (phase_callbacks). A phase with patience that runs all its `epochs`
+    while still improving warns, naming `epochs_param`, the cap to raise.
+    With a checkpoint.TrainingState, the phase resumes where a killed run of
+    the same stage stopped, and saves its state after every epoch. Call
+    `best.restore(model)` after the last phase.
     """
     log.start_phase(phase)
-    callbacks, swap, early_stopping = phase_callbacks(model, log, best, patience)
+    callbacks, swap, counting = phase_callbacks(model, log, best, patience, plateau)
     first_epoch = 0
     if state is not None:
         first_epoch = state.resume(phase, model, train, log, best)
@@ -193,13 +214,26 @@ def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epoc
             keras_internals.set_averaged_weights_in_model(swap)
         if state.stopped_early:
             first_epoch = epochs  # it had stopped before its last epoch: nothing is left to run
-        callbacks.append(state.callback(phase, log, best, early_stopping))
+        callbacks.append(state.callback(phase, log, best, counting))
     earlier = sum(row["seconds"] or 0.0 for row in log.rows if row["phase"] == phase)
     started = time.perf_counter()
     # shuffle=False: ImageBatches shuffles itself, from the seed.
     model.fit(train, validation_data=val, epochs=epochs, initial_epoch=first_epoch, callbacks=callbacks,
               shuffle=False, verbose=verbose)
+    if patience > 0 and epochs_param:
+        warn_if_capped(log, best, phase, epochs, patience, epochs_param)
     return earlier + time.perf_counter() - started
+
+
+def warn_if_capped(log: TrainingLog, best: KeepBest, phase: str, epochs: int, patience: int, epochs_param: str) -> bool:
+    """Warn when `phase` ran all its epochs and its best epoch came within the last `patience`:
+    validation was still improving when the cap stopped it. Returns whether it warned."""
+    ran = [number for number, row in enumerate(log.rows, start=1) if row["phase"] == phase]
+    if len(ran) < epochs or best.best_epoch is None or best.best_epoch <= ran[-1] - patience:
+        return False
+    print(f"warning: {phase} ran all {epochs} epochs ({epochs_param}) and validation was still improving"
+          f" (best at epoch {best.best_epoch - ran[0] + 1} of them): raise {epochs_param} to train longer")
+    return True
 
 
 def model_card(name: str, class_names: list[str], resize_section, image_size: int, val_accuracy: float,

@@ -332,8 +332,18 @@ def build_networks(section, num_classes: int, image_size: int, input_size: int) 
     return Networks(base, head, classifier, fine_tune, first, image_size, input_size)
 
 
+def build_probe_classifier(section, probe, num_classes: int, image_size: int, input_size: int):
+    """The linear probe as a saved classifier: the frozen base (its own pretrained weights) and one Dense
+    softmax layer holding the probe's weights, so calibration, export and serving treat it like any model."""
+    base = build_base(section.base, input_size, section.weights)
+    base.trainable = False
+    head = build_head(base.output_shape[-1], num_classes, [], 0.0)
+    probe.set_into(head.get_layer("probabilities"))
+    return build_classifier(section.base, base, head, image_size, input_size)
+
+
 def augmentation_is_off(augment) -> bool:
-    return augment.flip == "none" and not (augment.rotation or augment.zoom or augment.translation or augment.contrast)
+    return augment.off
 
 
 def with_augmentation(classifier, augment, seed: int, image_size: int):

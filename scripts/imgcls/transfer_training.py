@@ -1,17 +1,21 @@
-"""Training a transfer model: its images, what is computed once from them, and its two phases.
+"""Training a transfer model: its images, what is computed once from them, its two phases, and the choice
+between the trained model and the linear probe.
 
-Phase 1 (train_head) trains only the new head on the frozen base. Without
-phase-1 augmentation the base's pooled features never change, so they are
-computed once per image and the head trains on them: each epoch then costs
-milliseconds instead of a full pass of the base over every image.
+Phase 1 fits the head on the frozen base, whose pooled features of the
+un-augmented photos are computed once (imgcls/features.py): by default it is
+the linear probe (head.solver lbfgs, imgcls/probe.py), fitted in seconds, and
+fine-tuning starts from it (LP-FT); head.solver adam trains the head by
+gradient descent instead (train_head), each epoch costing milliseconds.
 Phase 2 (fine_tune, optional) unfreezes the top of the base and fine-tunes
-it together with the head at a lower learning rate, with augmentation and
-early stopping. The layers below the unfrozen ones are still frozen, so by
-default their output is computed once for each image and a few augmented
-copies of it (fine_tune.cached_copies; cache_below_fine_tuning), and each
-epoch runs only the top of the base.
+it together with the head at a lower learning rate, with augmentation, until
+validation stops improving (patience; schedule plateau cuts the rate on the
+way). The layers below the unfrozen ones are still frozen, so by default
+their output is computed once for each image and a few augmented copies of it
+(fine_tune.cached_copies; cache_below_fine_tuning), and each epoch runs only
+the top of the base.
 Both phases share one TrainingLog and KeepBest: the epoch with the best
-validation score over both is kept.
+validation score over both is kept. choose_model then saves the linear probe
+instead when it does better on validation (probe_candidate).
 """
 
 import dataclasses
@@ -20,52 +24,16 @@ import time
 import keras
 import numpy as np
 
-from imgcls import transfer
-from imgcls.augment import augmentation
+from imgcls import calibration, transfer
 from imgcls.batches import ImageBatches, class_weights
 from imgcls.callbacks import KeepBest, TrainingLog
+from imgcls.features import augmented_copy, compute_features
+from imgcls.features import pooled_features as pooled_features_of
+from imgcls.probe import Probe, better, fit_probe, score
 from imgcls.optim import OptimizerSettings, build_optimizer
 from imgcls.params import TrainTransferParams
 from imgcls.training import TrainingRun, compile_classifier, train_phase
 from imgcls.transfer import Networks
-
-
-def compute_features(extractor, inputs, batch_size: int = 64, transform=None, replicas: int = 1):
-    """Run `extractor` over every image, one batch at a time (the float copy of all images never exists).
-
-    `inputs` is one array or a list of arrays (a model with several inputs);
-    the result is likewise one float32 array or a list, per model output.
-    `transform(batch)` is applied to each uint8 batch first (e.g. augmented_copy).
-    Split across `replicas` devices, a last batch that does not divide by their
-    number is padded with copies of its first images, whose results are dropped.
-    """
-    arrays = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-    batch_size = -(-batch_size // replicas) * replicas
-    outputs = None
-    for start in range(0, len(arrays[0]), batch_size):
-        batch = [np.asarray(array[start:start + batch_size]) for array in arrays]
-        if transform is not None:
-            batch = [transform(part) for part in batch]
-        real = len(batch[0])
-        if real % replicas:
-            batch = [np.concatenate([part, np.resize(part, (-real % replicas, *part.shape[1:]))]) for part in batch]
-        batch = [part.astype("float32") for part in batch]
-        result = extractor.predict_on_batch(batch if len(batch) > 1 else batch[0])
-        result = [np.asarray(part, dtype="float32")[:real]
-                  for part in (result if isinstance(result, (list, tuple)) else [result])]
-        outputs = [[] for _ in result] if outputs is None else outputs
-        for collected, part in zip(outputs, result):
-            collected.append(part)
-    if outputs is None:
-        raise ValueError("compute_features needs at least one image")
-    joined = [np.concatenate(parts) for parts in outputs]
-    return joined if len(joined) > 1 or isinstance(extractor.output, (list, tuple)) else joined[0]
-
-
-def augmented_copy(augment, seed: int):
-    """A transform for compute_features: one random draw of an augmentation section per image (training mode)."""
-    layers = augmentation(augment, seed)
-    return lambda batch: np.asarray(layers(batch.astype("float32"), training=True))
 
 
 class CachedBatches(ImageBatches):
@@ -164,9 +132,8 @@ def pooled_features(net: Networks, data: Data, cache: Activations | None) -> tup
         extractor = transfer.pooled_top(cache.top)
         return (compute_features(extractor, cache.train_versions[0], replicas=replicas),
                 compute_features(extractor, cache.val_versions[0], replicas=replicas))
-    extractor = transfer.feature_extractor(data.section.base, net.base, net.image_size, net.input_size)
-    return (compute_features(extractor, data.train_pixels, replicas=replicas),
-            compute_features(extractor, data.val_pixels, replicas=replicas))
+    return tuple(pooled_features_of(data.section.base, net.base, net.image_size, net.input_size, data.train_pixels,
+                                    data.val_pixels, replicas=replicas))
 
 
 def compile_phase(model, section: TrainTransferParams, phase, steps_per_epoch: int) -> None:
@@ -175,8 +142,9 @@ def compile_phase(model, section: TrainTransferParams, phase, steps_per_epoch: i
     compile_classifier(model, optimizer, section.label_smoothing)
 
 
-def train_phases(net: Networks, data: Data, log: TrainingLog, best: KeepBest) -> dict:
-    """Both phases (a resumed run skips a finished phase 1); returns their timings, for train.json."""
+def train_phases(net: Networks, data: Data, log: TrainingLog, best: KeepBest) -> tuple[dict, Probe | None]:
+    """Both phases (a resumed run skips a finished phase 1); returns their timings, for train.json, and
+    the linear probe when one was fitted (head.solver lbfgs, or probe_candidate)."""
     section = data.section
     print(f"train_transfer: {section.base} at {net.input_size} px ({section.weights} weights),"
           f" {len(data.train_labels)} training and {len(data.val_labels)} validation images,"
@@ -184,36 +152,49 @@ def train_phases(net: Networks, data: Data, log: TrainingLog, best: KeepBest) ->
     cache, timings = None, {}
     if net.fine_tune and section.fine_tune.cached_copies:
         cache, timings = cache_below_fine_tuning(net, data)
-    if not data.run.state.skips("head"):
-        timings |= train_head(net, data, cache, log, best)
+    features = None
+    if section.head.augment.off or section.probe_candidate:
+        clock = time.perf_counter()
+        features = pooled_features(net, data, cache)
+        timings["feature_seconds"] = round(time.perf_counter() - clock, 2)
+        print(f"train_transfer: features of {len(features[0]) + len(features[1])} images computed once"
+              f" in {timings['feature_seconds']:.1f} s")
+    probe = None
+    if section.head.solver == "lbfgs" or section.probe_candidate:
+        clock = time.perf_counter()
+        probe = fit_probe(features[0], data.train_labels, features[1], data.val_labels, data.num_classes,
+                          section.class_weight)
+        timings["probe_seconds"] = round(time.perf_counter() - clock, 2)
+        print(f"train_transfer: linear probe (C = {probe.c:g}, chosen on validation): val accuracy"
+              f" {probe.val_accuracy:.4f}, val log loss {probe.val_log_loss:.4f}; {timings['probe_seconds']:.1f} s")
+    if section.head.solver == "lbfgs":  # phase 1 is the probe: fine-tuning starts from it (LP-FT)
+        probe.set_into(net.head.get_layer("probabilities"))
+    elif not data.run.state.skips("head"):
+        timings |= train_head(net, data, features, log, best)
     if net.fine_tune:
         timings |= fine_tune(net, data, cache, log, best)
-    return timings
+    return timings, probe
 
 
-def train_head(net: Networks, data: Data, cache: Activations | None, log: TrainingLog, best: KeepBest) -> dict:
-    """Phase 1: the head alone on the frozen base. Without augmentation the base's features never change,
-    so they are computed once and each epoch costs milliseconds instead of a pass of the base."""
+def train_head(net: Networks, data: Data, features: tuple | None, log: TrainingLog, best: KeepBest) -> dict:
+    """Phase 1 by gradient descent: the head alone on the frozen base. Without augmentation the base's
+    features never change, so it trains on `features` (computed once): each epoch costs milliseconds."""
     section = data.section
-    timings = {}
-    if transfer.augmentation_is_off(section.head.augment):
-        clock = time.perf_counter()
-        train_features, val_features = pooled_features(net, data, cache)
-        timings["feature_seconds"] = round(time.perf_counter() - clock, 2)
-        print(f"train_transfer: features of {len(train_features) + len(val_features)} images computed once"
-              f" in {timings['feature_seconds']:.1f} s")
+    if section.head.augment.off:
         # A model around the head, so that the head nested in the saved classifier is never compiled
         # (a compiled layer would carry its loss and optimizer into models/transfer.keras).
-        features = keras.Input(net.head.input_shape[1:], name="features")
-        model = keras.Model(features, net.head(features), name="head_on_features")
-        train, val = data.batches(train_features, val_features, data.seed)
+        inputs = keras.Input(net.head.input_shape[1:], name="features")
+        model = keras.Model(inputs, net.head(inputs), name="head_on_features")
+        train, val = data.batches(*features, data.seed)
     else:
         model = transfer.with_augmentation(net.classifier, section.head.augment, data.seed, net.image_size)
         train, val = data.batches(data.train_pixels, data.val_pixels, data.seed)
     compile_phase(model, section, section.head, len(train))
-    seconds = train_phase(model, train, val, section.head.epochs, log, best, state=data.run.state, phase="head")
+    seconds = train_phase(model, train, val, section.head.epochs, log, best, section.head.patience,
+                          data.run.state, phase="head", plateau=section.schedule == "plateau",
+                          epochs_param="train_transfer.head.epochs")
     best.restore(model)  # the head (and so the classifier) now holds phase 1's best weights
-    return timings | {"head_seconds": round(seconds, 2)}
+    return {"head_seconds": round(seconds, 2)}
 
 
 def fine_tune(net: Networks, data: Data, cache: Activations | None, log: TrainingLog, best: KeepBest) -> dict:
@@ -233,6 +214,47 @@ def fine_tune(net: Networks, data: Data, cache: Activations | None, log: Trainin
     print(f"train_transfer: fine-tuning {trainable} layers of {section.base} ({len(net.base.layers)} in all)"
           + (", on cached activations" if cache is not None else ", on images"))
     seconds = train_phase(model, train, val, section.fine_tune.epochs, log, best, section.fine_tune.patience,
-                          data.run.state, phase="fine-tune")
+                          data.run.state, phase="fine-tune", plateau=section.schedule == "plateau",
+                          epochs_param="train_transfer.fine_tune.epochs")
     best.restore(model)
     return {"fine_tune_seconds": round(seconds, 2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """The model the stage ships, which candidate it is, and both candidates' validation figures."""
+
+    classifier: keras.Model
+    winner: str  # "fine_tune", "head" (phase 2 off) or "probe"
+    val_accuracy: float
+    candidates: dict  # candidate name -> {"val_accuracy", "val_log_loss"}
+
+
+def choose_model(net: Networks, data: Data, best: KeepBest, probe: Probe | None) -> Choice:
+    """The trained classifier, or the linear probe where it scores better on validation.
+
+    Candidates are compared on validation accuracy, then log loss (probe.better):
+    the monitor that picked the best epoch (val_loss by default) includes label
+    smoothing, which the probe never saw. A probe that wins ships as the frozen
+    base with one Dense softmax layer holding its weights.
+    """
+    section = data.section
+    trained_name = "fine_tune" if net.fine_tune else "head"
+    if best.best_epoch is None:  # no epoch ran at all: phase 1 was the probe and phase 2 is off
+        candidates = {"probe": {"val_accuracy": probe.val_accuracy, "val_log_loss": probe.val_log_loss}}
+        return Choice(net.classifier, "probe", probe.val_accuracy, candidates)
+    probabilities = calibration.predict(net.classifier, data.run.batches(data.val_pixels, batch_size=64))
+    trained = score(probabilities, data.val_labels)
+    candidates = {trained_name: {"val_accuracy": trained[0], "val_log_loss": trained[1]}}
+    if probe is None or not section.probe_candidate:
+        return Choice(net.classifier, trained_name, trained[0], candidates)
+    candidates["probe"] = {"val_accuracy": probe.val_accuracy, "val_log_loss": probe.val_log_loss, "c": probe.c}
+    if not better((probe.val_accuracy, probe.val_log_loss), trained):
+        print(f"train_transfer: the {trained_name.replace('_', '-')} model beats the linear probe on validation"
+              f" ({trained[0]:.4f} against {probe.val_accuracy:.4f})")
+        return Choice(net.classifier, trained_name, trained[0], candidates)
+    print(f"train_transfer: the linear probe beats the {trained_name.replace('_', '-')} model on validation"
+          f" ({probe.val_accuracy:.4f} against {trained[0]:.4f}, log loss {probe.val_log_loss:.4f} against"
+          f" {trained[1]:.4f}): it is the model saved")
+    classifier = transfer.build_probe_classifier(section, probe, data.num_classes, net.image_size, net.input_size)
+    return Choice(classifier, "probe", probe.val_accuracy, candidates)

@@ -1,0 +1,122 @@
+"""train_transfer adapts to the data: phases stop when validation stops improving, a phase stopped by its
+cap while still improving says so, and the linear probe (imgcls/probe.py) is a candidate that ships,
+exports and serves when it beats the trained model.
+
+Real training on tiny generated images with a randomly initialised base (weights: none).
+"""
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from sklearn.linear_model import LogisticRegression
+
+from conftest import REPO, TINY_TRANSFER, TRAINING_STACK, WITHOUT_TENSORFLOW, make_photo, stage_env
+from imgcls.probe import C_VALUES, fit_probe
+from serving import free_port, running_server
+
+# Phase 1 by gradient descent, alone: what the early stop and the cap apply to.
+HEAD_ONLY = {**TINY_TRANSFER, "train_transfer.head.solver": "adam", "train_transfer.fine_tune.epochs": 0,
+             "train_transfer.probe_candidate": False}
+
+
+def test_the_probe_is_one_softmax_layer_on_the_raw_features_and_matches_scikit_learn():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 20)) * 3
+    labels = np.repeat(np.arange(3), 40)
+    features = (centres[labels] + rng.normal(size=(120, 20))).astype("float32") * 7 + 2  # not standardised
+    train, val = np.arange(120) % 4 != 0, np.arange(120) % 4 == 0
+    probe = fit_probe(features[train], labels[train], features[val], labels[val], num_classes=3)
+    assert probe.c in C_VALUES and probe.val_accuracy >= 0.9
+    # The standardisation is folded into the weights: the same probabilities as scikit-learn's own model.
+    mean, scale = features[train].mean(axis=0), features[train].std(axis=0)
+    reference = LogisticRegression(C=probe.c, max_iter=1000).fit((features[train] - mean) / scale, labels[train])
+    expected = reference.predict_proba((features[val] - mean) / scale)
+    np.testing.assert_allclose(probe.probabilities(features[val]), expected, atol=1e-4)
+
+
+def test_two_classes_and_a_class_without_training_images():
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 30)
+    features = (rng.normal(size=(60, 8)) + labels[:, None] * 2).astype("float32")
+    probe = fit_probe(features, labels, features, labels, num_classes=2)
+    assert probe.kernel.shape == (8, 2) and probe.val_accuracy > 0.8
+    with pytest.raises(ValueError, match=r"classes \[2\] have none"):
+        fit_probe(features, labels, features, labels, num_classes=3)
+
+
+def test_a_phase_stops_when_validation_stops_improving_and_cuts_its_rate_first(prepared):
+    prepared.set_params(**{**HEAD_ONLY, "train_transfer.head.epochs": 200, "train_transfer.head.patience": 4,
+                           "train_transfer.head.learning_rate": 0.05, "train_transfer.monitor": "val_loss"})
+    result = prepared.stage("train_transfer")
+    history = pd.read_csv(prepared.root / "reports/transfer/history.csv")
+    training = json.loads((prepared.root / "reports/transfer/train.json").read_text())
+    assert len(history) < 200 and "warning" not in result.stdout
+    # It stopped `patience` epochs after the last improvement of at least 0.001 (smaller ones do not
+    # count), and the rate was cut to 0.3x half-way through them.
+    best, improved_at = float("inf"), None
+    for epoch, loss in enumerate(history["val_loss"], start=1):
+        if loss < best - 0.001:
+            best, improved_at = loss, epoch
+    assert len(history) == improved_at + 4 and training["best_epoch"] >= improved_at
+    rates = history["learning_rate"].to_numpy()
+    assert rates[0] == pytest.approx(0.05) and rates[-1] == pytest.approx(0.05 * 0.3, rel=1e-4)
+
+
+def test_a_phase_that_reaches_its_cap_still_improving_warns_and_names_the_param(prepared):
+    # A small rate: the validation loss still falls at every one of the 3 epochs.
+    prepared.set_params(**{**HEAD_ONLY, "train_transfer.head.epochs": 3, "train_transfer.head.patience": 5,
+                           "train_transfer.head.learning_rate": 0.0003, "train_transfer.monitor": "val_loss"})
+    result = prepared.stage("train_transfer")
+    assert "warning: head ran all 3 epochs (train_transfer.head.epochs)" in result.stdout
+    assert "raise train_transfer.head.epochs" in result.stdout
+
+
+def test_the_linear_probe_alone_is_a_model_when_phase_two_is_off(prepared):
+    prepared.set_params(**{**TINY_TRANSFER, "train_transfer.fine_tune.epochs": 0})
+    result = prepared.stage("train_transfer")
+    assert "linear probe (C = " in result.stdout
+    card = json.loads((prepared.root / "models/transfer.json").read_text())
+    assert card["winner"] == "probe" and card["best_epoch"] is None
+    assert (prepared.root / "reports/transfer/training.png").stat().st_size > 0
+
+
+def test_a_probe_that_beats_the_fine_tuned_model_ships_exports_and_serves(prepared):
+    # A rate far too high wrecks fine-tuning (loss finite, answers near chance): the probe must win.
+    prepared.set_params(**{**TINY_TRANSFER, "train_transfer.fine_tune.learning_rate": 3.0,
+                           "train_transfer.fine_tune.patience": 0, "export.model": "transfer"})
+    result = prepared.stage("train_transfer")
+    card = json.loads((prepared.root / "models/transfer.json").read_text())
+    assert card["winner"] == "probe", result.stdout
+    probe, fine_tuned = card["candidates"]["probe"], card["candidates"]["fine_tune"]
+    assert (probe["val_accuracy"], -probe["val_log_loss"]) > (fine_tuned["val_accuracy"], -fine_tuned["val_log_loss"])
+    assert "the linear probe beats the fine-tune model on validation" in result.stdout
+    assert "temperature" in card  # calibrated like any other model
+    training = json.loads((prepared.root / "reports/transfer/train.json").read_text())
+    assert training["winner"] == "probe" and training["training_flops_fine_tune"] > 0  # phase 2 still counted
+
+    # The saved file is the probe: its validation accuracy is the probe's.
+    check = ("import sys; sys.path.insert(0, 'scripts')\n"
+             "from imgcls.modelio import load_model\nfrom imgcls.dataset import load_split\n"
+             "model, card = load_model('models/transfer.keras')\n"
+             "pixels, labels, _ = load_split('val', card['image_size'])\n"
+             "print((model.predict(pixels.astype('float32'), verbose=0).argmax(1) == labels).mean())\n")
+    saved_accuracy = float(prepared.run(sys.executable, "-c", check).stdout.split()[-1])
+    assert saved_accuracy == pytest.approx(probe["val_accuracy"])
+
+    prepared.stage("export")
+    metrics = json.loads((prepared.root / "reports/export/metrics.json").read_text())
+    assert metrics["model"] == "transfer" and metrics["onnx"]["top1_agreement"] == 1.0
+
+    port = free_port()
+    photo = prepared.root / "photo.png"
+    make_photo(3).save(photo)
+    with running_server(["-c", WITHOUT_TENSORFLOW, str(REPO / "scripts/serve.py")], port, cwd=prepared.root,
+                        env={**stage_env(), "PORT": str(port), "MODEL": "models/export/transfer.onnx",
+                             "BLOCKED_MODULES": TRAINING_STACK}) as server:
+        answer = requests.post(f"{server.url}/predict", files={"file": ("photo.png", photo.read_bytes())}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["best_guess"] in card["class_names"]
