@@ -117,46 +117,38 @@ def test_random_transforms_still_mark_themselves_not_compilable():
         assert layer.supports_jit is True
 
 
-def test_early_stopping_carries_its_count_into_another_fit():
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-    counting = keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=2)
+def counting_after_two_epochs(callback_class, model, val_losses=(1.0, 2.0)):
+    """A fresh EarlyStopping or ReduceLROnPlateau (patience 2) of `model` after one better and one worse epoch."""
+    counting = callback_class(monitor="val_loss", mode="min", patience=2, min_delta=0)
     counting.set_model(model)
     counting.on_train_begin()
-    counting.on_epoch_end(0, {"val_loss": 1.0})
-    counting.on_epoch_end(1, {"val_loss": 2.0})
-    for name in ("wait", "best", "best_epoch"):
-        require(counting, name, "counts")
-    state = keras_internals.counts(counting)
-    assert state == {"wait": 1, "best": 1.0, "best_epoch": 0}
-    resumed = keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=2)
-    resumed.set_model(model)
-    resumed.on_train_begin()  # fit resets the count...
-    keras_internals.restore_counts(resumed, state)  # ... and a resumed run puts it back
-    resumed.on_epoch_end(2, {"val_loss": 3.0})
-    assert model.stop_training, f"{VERSION}: EarlyStopping no longer counts on from wait, best and best_epoch"
-    assert keras_internals.counts(resumed) == {"wait": 2, "best": 1.0, "best_epoch": 0}
+    for epoch, loss in enumerate(val_losses):
+        counting.on_epoch_end(epoch, {"val_loss": loss})
+    return counting
 
 
-
-def test_reduce_on_plateau_carries_its_count_into_another_fit():
+@pytest.mark.parametrize("callback_class, names", [
+    (keras.callbacks.EarlyStopping, ("wait", "best", "best_epoch")),
+    (keras.callbacks.ReduceLROnPlateau, ("wait", "best", "cooldown_counter")),
+])
+def test_early_stopping_and_the_plateau_cut_carry_their_count_into_another_fit(callback_class, names):
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
-    cutting = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=0.3, patience=2, min_delta=0)
-    cutting.set_model(model)
-    cutting.on_train_begin()
-    cutting.on_epoch_end(0, {"val_loss": 1.0})
-    cutting.on_epoch_end(1, {"val_loss": 2.0})
-    for name in ("wait", "best", "cooldown_counter"):
-        require(cutting, name, "counts")
-    state = keras_internals.counts(cutting)
-    assert state == {"wait": 1, "best": 1.0, "cooldown_counter": 0}
-    resumed = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=0.3, patience=2, min_delta=0)
-    resumed.set_model(model)
-    resumed.on_train_begin()
-    keras_internals.restore_counts(resumed, state)
-    resumed.on_epoch_end(2, {"val_loss": 3.0})  # the second epoch without improvement: the rate is cut
-    rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-    assert rate == pytest.approx(0.03), f"{VERSION}: ReduceLROnPlateau no longer counts on from wait and best"
+    counting = counting_after_two_epochs(callback_class, model)
+    for name in names:
+        require(counting, name, "counts")
+    state = keras_internals.counts(counting)
+    assert state == {"wait": 1, "best": 1.0, names[2]: 0}
+    resumed = counting_after_two_epochs(callback_class, model, val_losses=())  # fit resets the count...
+    keras_internals.restore_counts(resumed, state)  # ... and a resumed run puts it back
+    resumed.on_epoch_end(2, {"val_loss": 3.0})  # the second epoch without improvement
+    if callback_class is keras.callbacks.EarlyStopping:
+        assert model.stop_training, f"{VERSION}: EarlyStopping no longer counts on from wait, best and best_epoch"
+        assert keras_internals.counts(resumed) == {"wait": 2, "best": 1.0, "best_epoch": 0}
+    else:
+        rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+        assert rate == pytest.approx(0.01), f"{VERSION}: ReduceLROnPlateau no longer counts on from wait and best"
+
 
 ASYNC_SAFE_CHECK = """
 import sys

@@ -29,9 +29,9 @@ from imgcls.batches import ImageBatches, class_weights
 from imgcls.callbacks import KeepBest, TrainingLog
 from imgcls.features import augmented_copy, compute_features
 from imgcls.features import pooled_features as pooled_features_of
-from imgcls.probe import Probe, better, fit_probe, score
 from imgcls.optim import OptimizerSettings, build_optimizer
 from imgcls.params import TrainTransferParams
+from imgcls.probe import Probe, better, fit_probe, score
 from imgcls.training import TrainingRun, compile_classifier, train_phase
 from imgcls.transfer import Networks
 
@@ -136,6 +136,13 @@ def pooled_features(net: Networks, data: Data, cache: Activations | None) -> tup
                                     data.val_pixels, replicas=replicas))
 
 
+def timed(function, *arguments):
+    """(function(*arguments), its seconds rounded to 0.01)."""
+    clock = time.perf_counter()
+    result = function(*arguments)
+    return result, round(time.perf_counter() - clock, 2)
+
+
 def compile_phase(model, section: TrainTransferParams, phase, steps_per_epoch: int) -> None:
     settings = OptimizerSettings("adam", phase.learning_rate, section.schedule)
     optimizer = build_optimizer(settings, phase.epochs, steps_per_epoch)
@@ -152,19 +159,14 @@ def train_phases(net: Networks, data: Data, log: TrainingLog, best: KeepBest) ->
     cache, timings = None, {}
     if net.fine_tune and section.fine_tune.cached_copies:
         cache, timings = cache_below_fine_tuning(net, data)
-    features = None
+    features = probe = None
     if section.head.augment.off or section.probe_candidate:
-        clock = time.perf_counter()
-        features = pooled_features(net, data, cache)
-        timings["feature_seconds"] = round(time.perf_counter() - clock, 2)
+        features, timings["feature_seconds"] = timed(pooled_features, net, data, cache)
         print(f"train_transfer: features of {len(features[0]) + len(features[1])} images computed once"
               f" in {timings['feature_seconds']:.1f} s")
-    probe = None
     if section.head.solver == "lbfgs" or section.probe_candidate:
-        clock = time.perf_counter()
-        probe = fit_probe(features[0], data.train_labels, features[1], data.val_labels, data.num_classes,
-                          section.class_weight)
-        timings["probe_seconds"] = round(time.perf_counter() - clock, 2)
+        probe, timings["probe_seconds"] = timed(fit_probe, features[0], data.train_labels, features[1],
+                                                data.val_labels, data.num_classes, section.class_weight)
         print(f"train_transfer: linear probe (C = {probe.c:g}, chosen on validation): val accuracy"
               f" {probe.val_accuracy:.4f}, val log loss {probe.val_log_loss:.4f}; {timings['probe_seconds']:.1f} s")
     if section.head.solver == "lbfgs":  # phase 1 is the probe: fine-tuning starts from it (LP-FT)
