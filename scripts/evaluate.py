@@ -8,11 +8,13 @@ For each model in models/ (cnn, transfer: whichever exist) it writes
   reports/evaluate/figures/<model>_misclassified.png the most confidently wrong test images
   reports/evaluate/figures/<model>_reliability.png   reliability diagram, before and after the temperature
   reports/evaluate/calibration/<model>.csv    accuracy and mean confidence per confidence bin: DVC plots data
+  reports/evaluate/probabilities/<model>.csv  each test photo's path, label and calibrated probabilities (the audit reads them)
 
 Beside the scores, metrics.json says how far each model's confidence can be
 trusted: the expected calibration error (ECE over 15 bins) with and without its
 temperature, coverage and accuracy on the answered photos at the `unknown`
-threshold (predict_new.min_confidence), and, with evaluate.ood_dir, the share of
+threshold (predict_new.min_confidence; with auto, also the card's target
+coverage and whether the test coverage meets it within sampling error), and, with evaluate.ood_dir, the share of
 out-of-class photos flagged unknown and the AUROC of confidence between
 in-class test photos and those.
 """
@@ -27,6 +29,7 @@ from sklearn.metrics import classification_report, confusion_matrix, f1_score, l
 from imgcls import device
 from imgcls.dataset import REPORTS_DIR, atomic_path, load_class_names, load_manifest, load_split, write_csv, write_json
 from imgcls.errors import UserError, run_stage
+from imgcls.gallery import save_gallery
 from imgcls.images import BadImage
 from imgcls.modelio import MODEL_NAMES, PRODUCED_BY, load_model, model_path
 from imgcls.params import load_params
@@ -38,6 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 REPORT_DIR = REPORTS_DIR / "evaluate"
 CONFUSION_DIR = REPORT_DIR / "confusion"
 CALIBRATION_DIR = REPORT_DIR / "calibration"
+PROBABILITIES_DIR = REPORT_DIR / "probabilities"
 PER_CLASS_DIR = REPORT_DIR / "per_class"
 FIGURES_DIR = REPORT_DIR / "figures"
 
@@ -101,29 +105,22 @@ def plot_misclassified(path, pixels, labels, probabilities, class_names: list[st
     wrong = np.flatnonzero(predicted != labels)
     confidence = probabilities[wrong, predicted[wrong]]
     worst = wrong[np.argsort(-confidence, kind="stable")][:count]
-    columns = max(1, min(4, len(worst)))
-    rows = max(1, int(np.ceil(len(worst) / columns)))
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, index in zip(axes.flat, worst):
-        axis.imshow(pixels[index])
-        axis.set_title(f"true: {class_names[labels[index]]}\npredicted: {class_names[predicted[index]]}"
-                       f" ({probabilities[index, predicted[index]]:.0%})", fontsize=8)
-    if len(worst) == 0:
-        axes[0, 0].text(0.5, 0.5, "no misclassified test image", ha="center", va="center")
-    figure.suptitle(title)
-    figure.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.5 * rows)))  # leave the title its own strip
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=100)
-    plt.close(figure)
+    captions = [f"true: {class_names[labels[index]]}\npredicted: {class_names[predicted[index]]}"
+                f" ({probabilities[index, predicted[index]]:.0%})" for index in worst]
+    save_gallery(path, pixels[worst], captions, title, "no misclassified test image")
     return len(worst)
 
 
-def trust_scores(labels, probabilities, temperature: float, threshold: float) -> tuple[dict, np.ndarray]:
-    """Calibration and selective-prediction metrics of one model; also the probabilities without its temperature."""
+def trust_scores(labels, probabilities, temperature: float, threshold: float,
+                 target_coverage: float | None) -> tuple[dict, np.ndarray]:
+    """Calibration and selective-prediction metrics of one model; also the probabilities without its temperature.
+
+    With the card's threshold (min_confidence auto), also its target coverage
+    and whether the test coverage meets it within sampling error.
+    """
     # calibration and batches import Keras, so they load only after main() chose the backend.
-    from imgcls.calibration import CALIBRATION_BINS, expected_calibration_error, rescale, selective_scores
+    from imgcls.calibration import (CALIBRATION_BINS, coverage_check, expected_calibration_error, rescale,
+                                    selective_scores)
 
     before = rescale(probabilities, 1 / temperature)  # undoes the model's Temperature layer
     metrics = {
@@ -134,6 +131,8 @@ def trust_scores(labels, probabilities, temperature: float, threshold: float) ->
         "min_confidence": round(threshold, 5),
         **selective_scores(probabilities, labels, threshold),
     }
+    if target_coverage is not None:
+        metrics |= coverage_check(metrics["coverage"], target_coverage, len(labels))
     return metrics, before
 
 
@@ -188,7 +187,7 @@ def plot_reliability(path, labels, before, after, metrics: dict, title: str) -> 
 
 def remove_stale(present: list[str]) -> None:
     """Drop the reports of models that are gone, so the report folders describe exactly the models scored."""
-    for folder in (CONFUSION_DIR, PER_CLASS_DIR, FIGURES_DIR, CALIBRATION_DIR):
+    for folder in (CONFUSION_DIR, PER_CLASS_DIR, FIGURES_DIR, CALIBRATION_DIR, PROBABILITIES_DIR):
         if folder.is_dir():
             for path in folder.iterdir():
                 model = path.name.split(".")[0]
@@ -225,8 +224,9 @@ def find_out_of_class_photos(ood_dir: str) -> list[Path]:
     return [path for path, _ in find_images([ood_dir], [])]
 
 
-def read_test_split(name: str, model, params, manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """The test photos' pixels and labels at the size `model` takes; stops if resize wrote no array of that size."""
+def read_test_split(name: str, model, params, manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """The test photos' pixels, labels and manifest rows at the size `model` takes; stops if resize wrote no
+    array of that size."""
     # Each model reads the test photos at its own size (resize.image_size may list several).
     size = model.input_shape[1]
     if size not in params.resize.sizes:
@@ -234,8 +234,7 @@ def read_test_split(name: str, model, params, manifest: pd.DataFrame) -> tuple[n
             f"models/{name}.keras takes {size}x{size} images but resize.image_size is {params.resize.image_size}:"
             f" retrain it with `dvc repro {PRODUCED_BY[name]}`."
         )
-    pixels, labels, _ = load_split("test", size, manifest)
-    return pixels, labels
+    return load_split("test", size, manifest)
 
 
 def evaluate_model(name: str, params, manifest: pd.DataFrame, class_names: list[str],
@@ -245,16 +244,18 @@ def evaluate_model(name: str, params, manifest: pd.DataFrame, class_names: list[
 
     section = params.evaluate
     model, card = load_model(model_path(name))
-    pixels, labels = read_test_split(name, model, params, manifest)
+    pixels, labels, rows = read_test_split(name, model, params, manifest)
     probabilities = model.predict(ImageBatches(pixels, batch_size=section.batch_size), verbose=0)
     metrics, per_class = score(labels, probabilities, class_names)
     threshold = resolve_min_confidence(params.predict_new.min_confidence, card, model_path(name))
-    trust, before = trust_scores(labels, probabilities, float(card.get("temperature", 1.0)), threshold)
+    target = card.get("target_coverage") if params.predict_new.min_confidence == "auto" else None
+    trust, before = trust_scores(labels, probabilities, float(card.get("temperature", 1.0)), threshold, target)
     metrics |= trust
     if out_of_class:
         metrics |= out_of_class_scores(model, card, out_of_class, probabilities.max(axis=1), threshold,
                                        section.batch_size)
     write_reports(name, pixels, labels, probabilities, before, metrics, per_class, class_names, section.gallery_size)
+    write_probabilities(name, rows, probabilities, class_names)
     print_scores(name, metrics, threshold, out_of_class=bool(out_of_class))
     return metrics
 
@@ -279,6 +280,14 @@ def write_reports(name: str, pixels, labels, probabilities, before, metrics: dic
                      f"{name}: reliability on the test split ({len(labels)} images)")
 
 
+def write_probabilities(name: str, rows: pd.DataFrame, probabilities, class_names: list[str]) -> None:
+    """Each test photo's path, label and probability per class: the audit stage's view of the test split."""
+    table = pd.DataFrame(np.round(probabilities, 6), columns=class_names)
+    table.insert(0, "label", rows["label"].to_numpy())
+    table.insert(0, "path", rows["path"].to_numpy())
+    write_csv(PROBABILITIES_DIR / f"{name}.csv", table)
+
+
 def print_scores(name: str, metrics: dict, threshold: float, out_of_class: bool) -> None:
     """Two lines for one model: its headline scores, then how far its confidence can be trusted."""
     print(f"evaluate {name}: accuracy {metrics['accuracy']:.4f}, top-3 {metrics['top3_accuracy']:.4f},"
@@ -288,6 +297,9 @@ def print_scores(name: str, metrics: dict, threshold: float, out_of_class: bool)
           f" {metrics['ece']:.4f} with {metrics['temperature']:g}; at min_confidence {threshold:.4f}"
           f" it answers {metrics['coverage']:.1%} of the test photos, "
           + (f"{selective:.2%} of them right" if selective is not None else "none")
+          + (f" (target {metrics['target_coverage']:.2%}, met within sampling error:"
+             f" {'yes' if metrics['coverage_meets_target'] else 'no'}, bound {metrics['coverage_lower_bound']:.2%})"
+             if "target_coverage" in metrics else "")
           + (f"; flags {metrics['ood_unknown_share']:.1%} of {metrics['ood_images']} out-of-class photos"
              f" unknown, AUROC {metrics['ood_auroc']:.4f}" if out_of_class else ""))
 

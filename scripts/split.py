@@ -5,7 +5,13 @@ only the missing splits are carved out of train/. A few photos per class are
 held out of all three and copied to data/holdout/ for predict_new to show. Duplicates and
 near-duplicates found by `resize` move as one unit, so no photo can sit in train and test at once.
 Images `resize` marks as left out (the same picture under two classes, with
-resize.conflicting_labels: drop) go to no split at all.
+resize.conflicting_labels: drop) go to no split at all, and so do the photos a
+reviewer listed in data/exclude.txt (e.g. label errors the `audit` stage found).
+
+A share of each class's validation photos (split.calibration) becomes a fifth
+split, `calibration`. No trainer sees it while choosing an epoch, a C or a
+temperature, so the confidence of its photos is distributed as a new photo's
+would be, and the `unknown` threshold set on it keeps its coverage promise.
 """
 
 import shutil
@@ -16,7 +22,9 @@ import numpy as np
 import pandas as pd
 
 from imgcls.dataset import (
+    CALIBRATION,
     CLASSES_FILE,
+    EXCLUDE_FILE,
     HOLDOUT_DIR,
     INDEX_FILE,
     MANIFEST_FILE,
@@ -84,6 +92,38 @@ def _split_class_groups(order: np.ndarray, sizes: pd.Series, carved: list[str], 
             cursor += 1
     group_split.update(dict.fromkeys(order[cursor:], "train"))
     return group_split
+
+
+def _hold_back_calibration(index: pd.DataFrame, share: float, seed: int) -> pd.Series:
+    """Each image's split, with `share` of each class's validation groups moved to the calibration split.
+
+    Every class keeps at least one validation group; duplicates move as one group.
+    """
+    splits = index["split"].copy()
+    if share == 0:
+        return splits
+    val = index[splits == "val"]
+    for class_name, rows in val.groupby("label", sort=True):
+        groups = rows["group"].unique()
+        # Its own random stream (the 2), apart from the one _carve draws the splits with.
+        rng = np.random.default_rng([seed, zlib.crc32(str(class_name).encode()), 2])
+        held_back = groups[rng.permutation(len(groups))][:min(round(share * len(groups)), len(groups) - 1)]
+        splits.loc[rows.index[rows["group"].isin(held_back)]] = CALIBRATION
+    return splits
+
+
+def _exclude_reviewed(index: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The index without the photos data/exclude.txt lists, and those it lists that are not in the data.
+
+    One path a line, as in the manifest and reports/audit/label_issues.csv
+    (relative to data/raw); blank lines and lines starting with # are skipped.
+    """
+    if not EXCLUDE_FILE.exists():
+        return index, []
+    lines = [line.strip() for line in EXCLUDE_FILE.read_text().splitlines()]
+    listed = {line for line in lines if line and not line.startswith("#")}
+    unknown = sorted(listed - set(index["path"]))
+    return index[~index["path"].isin(listed)], unknown
 
 
 def _write_holdout(rows: pd.DataFrame) -> None:
@@ -155,7 +195,8 @@ def _duplicates_across_splits(index: pd.DataFrame) -> pd.DataFrame:
 
 def _write_split(index: pd.DataFrame, class_names: list[str], leaking: pd.DataFrame) -> None:
     """The held-out photos, the manifest and classes.txt for the trainers, and the per-class counts and leaks."""
-    counts = pd.crosstab(index["label"], index["split"]).reindex(columns=[*SPLITS, "holdout"], fill_value=0)
+    columns = [*SPLITS, CALIBRATION, "holdout"]
+    counts = pd.crosstab(index["label"], index["split"]).reindex(columns=columns, fill_value=0)
     counts["total"] = counts.sum(axis=1)
     _write_holdout(index[index["split"] == "holdout"])
     write_csv(MANIFEST_FILE, index[["id", "path", "label", "label_index", "split"]])
@@ -167,11 +208,14 @@ def _write_split(index: pd.DataFrame, class_names: list[str], leaking: pd.DataFr
 
 
 def _summary(index: pd.DataFrame, how: dict[str, str], classes: int, leaking: pd.DataFrame,
-             left_out: pd.DataFrame) -> dict:
+             left_out: pd.DataFrame, excluded: int) -> dict:
     """reports/split/summary.json: images per split and how each split came about, held out, left out, leaks."""
+    how = {**how, CALIBRATION: "held back from val"}
     return {
-        "splits": {split: {"images": int((index["split"] == split).sum()), "how": how[split]} for split in SPLITS},
+        "splits": {split: {"images": int((index["split"] == split).sum()), "how": how[split]}
+                   for split in (*SPLITS, CALIBRATION)},
         "holdout": int((index["split"] == "holdout").sum()),
+        "excluded": excluded,
         "classes": classes,
         "duplicate_images_across_splits": len(leaking),
         "near_duplicate_images_across_splits": int((leaking["duplicate_kind"] == "near-duplicate").sum()),
@@ -179,8 +223,14 @@ def _summary(index: pd.DataFrame, how: dict[str, str], classes: int, leaking: pd
     }
 
 
-def _print_summary(summary: dict) -> None:
-    """The images per split, and a word on images left out or duplicated across splits."""
+def _print_summary(summary: dict, unknown_exclusions: list[str]) -> None:
+    """The images per split, and a word on images excluded, left out or duplicated across splits."""
+    if summary["excluded"]:
+        print(f"split: excluded {summary['excluded']} photos listed in {EXCLUDE_FILE}, from every split")
+    if unknown_exclusions:
+        print(f"warning: {EXCLUDE_FILE} lists {len(unknown_exclusions)} paths that are not in the data (e.g."
+              f" {unknown_exclusions[0]}): check them against data/raw, relative to it, as in"
+              " reports/audit/label_issues.csv")
     if summary["left_out_conflicting_labels"]:
         print(f"split: left out {summary['left_out_conflicting_labels']} images filed under more than one class"
               " (resize.conflicting_labels: drop), in no split; see reports/resize/duplicates.csv")
@@ -194,16 +244,18 @@ def _print_summary(summary: dict) -> None:
 def main() -> None:
     params = load_params()
     index, left_out = _read_index()
-    splits, how = _assign_splits(index, params.split)
-    index["split"] = splits
+    included, unknown_exclusions = _exclude_reviewed(index)
+    excluded, index = len(index) - len(included), included.copy()
+    index["split"], how = _assign_splits(index, params.split)
+    index["split"] = _hold_back_calibration(index, params.split.calibration, params.split.seed)
     class_names = sorted(index["label"].unique())
     index["label_index"] = index["label"].map({name: position for position, name in enumerate(class_names)})
     _check_every_class_in_every_split(index, class_names)
     leaking = _duplicates_across_splits(index)
     _write_split(index, class_names, leaking)
-    summary = _summary(index, how, len(class_names), leaking, left_out)
+    summary = _summary(index, how, len(class_names), leaking, left_out, excluded)
     write_json(REPORT_DIR / "summary.json", summary)
-    _print_summary(summary)
+    _print_summary(summary, unknown_exclusions)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def main() -> None:
                                input_size=section.input_size, best_epoch=best.best_epoch,
                                test_time_flip=section.test_time.flip, test_time_shift=section.test_time.shift,
                                trained_on=run.device)
-    saved, card = calibrate(saved, card, data.val, data.val_labels, params.predict_new.target_coverage)
+    saved, card = calibrate(saved, card, data.val, data.val_labels, run.calibration_batches(image_size),
+                            params.predict_new.target_coverage)
     modelio.save_trained_model(saved, NAME, card)
     metrics = cnn_training.write_metrics(REPORT_DIR / "train.json", model, saved, data, best, seconds, run)
     run.state.finish()

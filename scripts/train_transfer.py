@@ -58,7 +58,8 @@ def main() -> None:
                                base=section.base, input_size=input_size, best_epoch=best.best_epoch,
                                winner=choice.winner, candidates=choice.candidates, trained_on=run.device)
     classifier, card = calibrate(choice.classifier, card, run.batches(data.val_pixels, batch_size=64),
-                                 data.val_labels, params.predict_new.target_coverage)
+                                 data.val_labels, run.calibration_batches(image_size),
+                                 params.predict_new.target_coverage)
     modelio.save_trained_model(classifier, NAME, card)
     metrics = training.write_training_metrics(
         REPORT_DIR / "train.json", best, seconds, images_seen=len(data.train_labels) * best.epochs_seen,

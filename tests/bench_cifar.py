@@ -20,8 +20,6 @@ KEY=VALUE ...` changes the preset's train_cnn params for this run (dotted keys f
 
 import copy
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,19 +27,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmark import REPO, run, with_overrides
+from benchmark import REPO, cpu_name, run, with_overrides
 
 PRESET = REPO / "presets/cifar10-airbench.yaml"
 DEFAULT_DATA = REPO.parent / "shared/data/datasets/cifar10-jpeg.tar.gz"
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def merged(base: dict, changes: dict) -> dict:
@@ -143,7 +132,7 @@ def run_section(workdir: Path, budget_pflop: float | None, data: Path = DEFAULT_
     finally:
         params_file.write_text(original)
     budget = f"{budget_pflop:g} PFLOP budget" if budget_pflop else "its own epochs"
-    machine = f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores; data stages {data_seconds:.0f} s"
+    machine = f"{cpu_name()}; data stages {data_seconds:.0f} s"
     main, earlier = results.get("preset"), results.get("previous")
     if main is None:  # the previous preset alone
         main, earlier = earlier, None

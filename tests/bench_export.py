@@ -19,7 +19,6 @@ WORKDIR's models/export, reports/export and params.yaml are left as they were.
 
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
+from benchmark import cpu_name
 
 MODEL_NAMES = ("cnn", "transfer")
 ROUNDS = 7
@@ -104,13 +105,6 @@ def _run(command: list[str], workdir: Path) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:3])} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     return result.stdout
-
-
-def cpu_name() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return f"{line.split(':', 1)[1].strip()}, {len(os.sched_getaffinity(0))} cores"
-    return platform.processor() or "unknown CPU"
 
 
 def export_int8(workdir: Path, name: str, folder: Path) -> dict:

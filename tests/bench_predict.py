@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from bench_soak import prepare_models
+from benchmark import cpu_name
 from serving import free_port, running_server
 
 MODEL_NAMES = ("cnn", "transfer")
@@ -152,8 +153,7 @@ def bulk_rows(workdir: Path) -> list[dict]:
     """Bulk prediction of the transfer model, as ONNX (float32 and INT8) on onnxruntime and as the .keras file,
     at each BULK_SIZES."""
     prepare_models(workdir)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    cpu = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "CPU")
+    cpu = cpu_name()
     rows = []
     for runtime, model_file in (("onnxruntime float32", "models/export/transfer.onnx"),
                                 ("onnxruntime INT8", "models/export/transfer.int8.onnx"),
@@ -164,7 +164,7 @@ def bulk_rows(workdir: Path) -> list[dict]:
             "value": f"{large['rate']:.0f} photos/s ({BULK_SIZES[1]:,} photos)",
             "baseline": f"{small['rate']:.0f} photos/s ({BULK_SIZES[0]:,} photos)",
             "ratio": f"{large['rate'] / small['rate']:.2f}x",
-            "note": f"{BULK_SIZES[1]:,} photos: {large['summary']}; {len(os.sched_getaffinity(0))} cores of {cpu}",
+            "note": f"{BULK_SIZES[1]:,} photos: {large['summary']}; {cpu}",
         })
         rows.append({
             "benchmark": f"bulk predict_new peak RSS, transfer, {runtime}",

@@ -24,14 +24,13 @@ trashnet is ../shared/data/datasets/trashnet-256.tar.gz beside the repository
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from benchmark import REPO, make_workdir
+from benchmark import REPO, cpu_name, make_workdir
 from benchmark import run as run_command
 
 TRASHNET = REPO.parent / "shared" / "data" / "datasets" / "trashnet-256.tar.gz"
@@ -154,20 +153,23 @@ def rows(results: dict) -> list[dict]:
     return table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def splits_parser(description: str, datasets: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark over datasets and split seeds: WORKROOT, --split-seeds, --datasets, --trashnet."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="a new folder for the project copies, kept afterwards")
     parser.add_argument("--split-seeds", default="0,1,2")
-    parser.add_argument("--datasets", default="gear,trashnet,trashnet30")
+    parser.add_argument("--datasets", default=datasets)
     parser.add_argument("--trashnet", type=Path, default=TRASHNET)
-    arguments = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    arguments = splits_parser(__doc__, "gear,trashnet,trashnet30").parse_args()
     started = time.perf_counter()
     results = compare(arguments.root, tuple(int(seed) for seed in arguments.split_seeds.split(",")),
                       tuple(name for name in arguments.datasets.split(",") if name), arguments.trashnet)
     (arguments.root / "results.json").write_text(json.dumps(results, indent=1))
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
-    print(f"CPU: {model}; {time.perf_counter() - started:.0f} s in all")
+    print(f"CPU: {cpu_name()}; {time.perf_counter() - started:.0f} s in all")
     print("| benchmark | mean test accuracy (lowest–highest) | baseline | time | training FLOPs | note |")
     print("|---|---|---|---|---|---|")
     for row in rows(results):

@@ -59,6 +59,13 @@ EXTRA_SECTIONS = ("cnn_splits", "cifar", "transfer_splits")  # only when asked f
 STANDALONE_SECTIONS = {"near_duplicates", "cifar", "transfer_splits"}
 
 
+def cpu_name() -> str:
+    """The CPU model as lscpu names it (every timing is reported beside it), and the cores this process may use."""
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name:")), "unknown CPU")
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+
+
 def environment() -> dict[str, str]:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONHASHSEED="0")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"

@@ -166,7 +166,8 @@ def project(tmp_path) -> Project:
     for name in filter(None, tracked):
         source = REPO / name
         # Outputs of the working tree's own runs stay behind: each test starts from a clean pipeline.
-        if source.is_file() and not name.startswith(("reports/", "models/", "data/", "dvc.lock")):
+        if source.is_file() and (not name.startswith(("reports/", "models/", "data/", "dvc.lock"))
+                                 or name == "data/exclude.txt"):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, root / name)
     source = make_dataset(tmp_path / "source")

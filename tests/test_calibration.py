@@ -37,7 +37,13 @@ def test_temperature_scaling_lowers_ece_of_an_over_confident_model(tmp_path):
     card = {"name": "cnn", "class_names": ["a", "b", "c"], "image_size": 8, "aspect": "pad",
             "background": [255, 255, 255], "max_pixels": 1000, "val_accuracy": 0.0}
     batches = ImageBatches(validation[0], batch_size=64)
-    calibrated, card = calibration.calibrate(model, card, batches, validation[1], target_coverage=0.9)
+    held_back = noisy_images(120, 3)
+    calibrated, card = calibration.calibrate(model, card, batches, validation[1],
+                                             ImageBatches(held_back[0], batch_size=64), target_coverage=0.9)
+    assert (card["threshold_split"], card["threshold_photos"], card["target_coverage"]) == ("calibration", 120, 0.9)
+    # The threshold is the conformal one on the held-back photos' calibrated confidence.
+    assert card["confidence_threshold"] == calibration.conformal_threshold(
+        calibrated.predict(held_back[0].astype(np.float32), verbose=0), 0.9)[0]
     assert card["temperature"] > 2  # softens the 8x logits
     assert card["val_ece"]["after"] < card["val_ece"]["before"] / 2
     test_before = model.predict(test[0].astype(np.float32), verbose=0)
@@ -56,18 +62,50 @@ def test_temperature_scaling_lowers_ece_of_an_over_confident_model(tmp_path):
     np.testing.assert_allclose(calibration.rescale(test_after, 1 / card["temperature"]), test_before, atol=1e-5)
 
 
-def test_the_auto_threshold_meets_its_coverage_on_the_validation_split():
+def test_the_conformal_threshold_takes_the_rank_n_plus_one_times_t():
     rng = np.random.default_rng(0)
     probabilities = rng.dirichlet([1, 1, 1, 1], size=250)
     labels = rng.integers(0, 4, 250)
-    for coverage in (0.5, 0.9, 0.99, 1.0):
-        threshold = calibration.confidence_threshold(probabilities, coverage)
-        scores = calibration.selective_scores(probabilities, labels, threshold)
-        assert scores["coverage"] >= coverage
-        # The highest threshold that does: one step higher answers too few.
-        higher = probabilities.max(axis=1)[probabilities.max(axis=1) > threshold].min(initial=1.01)
-        assert (probabilities.max(axis=1) >= higher).mean() < coverage
+    descending = np.sort(probabilities.max(axis=1))[::-1]
+    for coverage, rank in ((0.5, 126), (0.9, 226), (0.99, 249)):  # ceil(251 * t)
+        threshold, honoured = calibration.conformal_threshold(probabilities, coverage)
+        assert threshold == descending[rank - 1] and honoured == coverage
+        assert calibration.selective_scores(probabilities, labels, threshold)["coverage"] >= coverage
     assert calibration.selective_scores(probabilities, labels, 1.5) == {"coverage": 0.0, "selective_accuracy": None}
+
+
+def test_the_conformal_threshold_keeps_its_coverage_on_new_draws_where_the_empirical_quantile_does_not():
+    # 4,000 calibration sets of 100 photos, each threshold judged on 1,000 new photos of the same kind.
+    rng = np.random.default_rng(1)
+    conformal, empirical = [], []
+    for _ in range(4000):
+        calibration_confidence = rng.beta(8, 1, size=(100, 1))
+        new_confidence = rng.beta(8, 1, size=1000)
+        threshold, _ = calibration.conformal_threshold(calibration_confidence, 0.95)
+        conformal.append((new_confidence >= threshold).mean())
+        quantile = np.sort(calibration_confidence[:, 0])[::-1][94]  # answers exactly 95 of the 100
+        empirical.append((new_confidence >= quantile).mean())
+    # Rank ceil(101 * 0.95) = 96 from the top, the 5th lowest: in expectation 1 - 5/101 = 0.9505 of new
+    # photos answered (the mean's standard error here is about 0.0004). The 95th from the top, the 6th
+    # lowest, answers 1 - 6/101 = 0.9406: short of the target.
+    assert abs(np.mean(conformal) - (1 - 5 / 101)) < 0.0015
+    assert abs(np.mean(empirical) - (1 - 6 / 101)) < 0.0015
+
+
+def test_too_few_calibration_photos_lower_the_target_with_a_warning(capsys):
+    confidence = np.array([[0.9], [0.8], [0.99], [0.7], [0.95]])
+    threshold, honoured = calibration.conformal_threshold(confidence, 0.99)
+    assert (threshold, honoured) == (0.7, 0.8333)  # the lowest of 5, for n / (n + 1)
+    out = capsys.readouterr().out
+    assert "5 calibration photos can honour a target_coverage of at most 0.8333" in out
+    assert "needs at least 99 photos" in out and "split.calibration" in out
+
+
+def test_the_coverage_check_allows_the_sampling_error_of_the_test_split():
+    check = calibration.coverage_check(0.979, 0.99, 284)
+    assert check == {"target_coverage": 0.99, "coverage_lower_bound": 0.97843,
+                     "coverage_meets_target": True}
+    assert not calibration.coverage_check(0.965, 0.99, 284)["coverage_meets_target"]
 
 
 def test_ece_is_zero_when_confidence_matches_accuracy_and_counts_each_bin():

@@ -50,6 +50,11 @@ def test_evaluate_scores_each_model_present_side_by_side(prepared):
     assert as_json["class_1"]["support"] == int(per_class.loc[1, "support"])
     for figure in ("cnn_confusion.png", "cnn_misclassified.png", "cnn_reliability.png"):
         assert (root / "reports/evaluate/figures" / figure).read_bytes()[:8] == PNG
+    # Each test photo's probabilities, by path: what the audit stage reads.
+    probabilities = pd.read_csv(root / "reports/evaluate/probabilities/cnn.csv")
+    assert list(probabilities.columns) == ["path", "label", "class_0", "class_1", "class_2"]
+    assert sorted(probabilities["path"]) == sorted(test_rows["path"])
+    np.testing.assert_allclose(probabilities[["class_0", "class_1", "class_2"]].sum(axis=1), 1, atol=1e-5)
 
     # A second model joins the same metrics file without any change to the stage, and `dvc metrics show` lists both.
     train_on_project(root, "transfer")
@@ -125,3 +130,20 @@ def test_out_of_class_photos_are_scored_with_auroc(prepared, tmp_path):
     prepared.set_params(**{"evaluate.ood_dir": str(tmp_path / "missing")})
     result = prepared.stage("evaluate", check=False)
     assert result.returncode == 2 and "evaluate.ood_dir" in result.stderr and "is not a folder" in result.stderr
+
+
+def test_the_card_s_target_coverage_is_checked_against_the_test_coverage(prepared):
+    root = prepared.root
+    card = train_on_project(root, "cnn")
+    (root / "models/cnn.json").write_text(json.dumps({**card, "target_coverage": 0.9}))
+    result = prepared.stage("evaluate")
+    cnn = json.loads((root / "reports/evaluate/metrics.json").read_text())["cnn"]
+    # t - 1.96 * sqrt(t (1 - t) / n) on the n test photos.
+    bound = 0.9 - 1.96 * (0.9 * 0.1 / cnn["images"]) ** 0.5
+    assert cnn["target_coverage"] == 0.9 and cnn["coverage_lower_bound"] == pytest.approx(bound, abs=1e-5)
+    assert cnn["coverage_meets_target"] == (cnn["coverage"] >= cnn["coverage_lower_bound"])
+    assert "(target 90.00%, met within sampling error: " in result.stdout
+    # A fixed min_confidence makes no coverage promise: nothing to check.
+    prepared.set_params(**{"predict_new.min_confidence": 0.5})
+    prepared.stage("evaluate")
+    assert "target_coverage" not in json.loads((root / "reports/evaluate/metrics.json").read_text())["cnn"]

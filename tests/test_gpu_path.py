@@ -41,7 +41,7 @@ def test_jax_bfloat16_on_two_devices_runs_every_stage_and_exports_within_min_agr
     project.run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qam", "GPU path")
     result = project.run(sys.executable, "-m", "dvc", "repro", env=GPU_PATH)
     assert ran_stages(result.stdout) == [
-        "data", "resize", "split", "train_cnn", "train_transfer", "evaluate", "predict_new", "export",
+        "data", "resize", "split", "train_cnn", "train_transfer", "evaluate", "audit", "predict_new", "export",
     ]
 
     # Each trainer ran on JAX, in bfloat16, data-parallel over both devices, and its card says so.

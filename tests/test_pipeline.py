@@ -42,7 +42,7 @@ def test_the_whole_pipeline_runs_end_to_end_then_does_nothing(project):
     project.run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qam", "tiny models")
     first = project.dvc("repro")
     assert ran_stages(first.stdout) == [
-        "data", "resize", "split", "train_cnn", "train_transfer", "evaluate", "predict_new", "export",
+        "data", "resize", "split", "train_cnn", "train_transfer", "evaluate", "audit", "predict_new", "export",
     ]
     metrics = project.dvc("metrics", "show", "--json").stdout
     for key in ('"cnn"', '"transfer"', '"accuracy"', '"macro_f1"'):

@@ -15,14 +15,14 @@ def manifest(project) -> pd.DataFrame:
 def test_split_is_stratified_seeded_and_writes_the_class_file(prepared):
     first = manifest(prepared)
     counts = first.groupby(["label", "split"]).size().unstack()
-    assert set(first["split"]) == {"train", "val", "test", "holdout"}
+    assert set(first["split"]) == {"train", "val", "calibration", "test", "holdout"}
     assert (counts[["train", "val", "test"]] >= 1).all().all()
     assert (counts["holdout"] == 1).all()
     assert (prepared.root / "data/split/classes.txt").read_text() == "class_0\nclass_1\nclass_2\n"
     prepared.stage("split")
     assert manifest(prepared).equals(first)
     table = pd.read_csv(prepared.root / "reports/split/counts.csv")
-    assert list(table.columns) == ["class", "train", "val", "test", "holdout", "total"]
+    assert list(table.columns) == ["class", "train", "val", "test", "calibration", "holdout", "total"]
 
 
 def test_held_out_photos_are_copied_for_predict_new(prepared):
@@ -77,7 +77,7 @@ def test_a_predefined_split_is_kept_and_only_validation_is_carved(tmp_path, proj
     rows = manifest(project)
     assert (rows[rows["path"].str.startswith("test/")]["split"] == "test").all()
     from_train = rows[rows["path"].str.startswith("train/")]["split"]
-    assert set(from_train) == {"train", "val", "holdout"}
+    assert set(from_train) == {"train", "val", "calibration", "holdout"}
     summary = pd.read_json(project.root / "reports/split/summary.json", typ="series")
     assert summary["splits"]["test"]["how"] == "predefined"
     assert summary["splits"]["val"]["how"] == "carved from train"
@@ -129,3 +129,36 @@ def test_class_names_that_look_like_numbers_stay_names(tmp_path, project):
         project.stage(name)
     assert (project.root / "data/split/classes.txt").read_text() == "0\n1\n2\n"
     assert sorted(path.name for path in (project.root / "data/holdout").iterdir()) == ["0", "1", "2"]
+
+
+def test_half_of_each_class_s_validation_photos_become_the_calibration_split(project):
+    source = make_dataset(project.root.parent / "bigger", per_class=40)
+    project.set_params(**{"data.source": str(source)})
+    for name in ("data", "resize", "split"):
+        project.stage(name)
+    counts = manifest(project).groupby(["label", "split"]).size().unstack(fill_value=0)
+    # 39 photos a class after the held-out one: about 6 carved for val (0.15), half of them held back
+    # (counted in groups: near-duplicates move together).
+    assert counts["calibration"].between(2, 4).all() and counts["val"].between(2, 5).all()
+    before = manifest(project)
+    project.set_params(**{"split.calibration": 0})
+    project.stage("split")
+    after = manifest(project)
+    assert "calibration" not in set(after["split"])
+    # Only the held-back photos move, back to val: train and test are the same photos.
+    moved = before["split"] != after["split"]
+    assert set(before.loc[moved, "split"]) == {"calibration"} and set(after.loc[moved, "split"]) == {"val"}
+
+
+def test_photos_listed_in_exclude_txt_leave_every_split_and_raw_data_is_untouched(prepared):
+    rows = manifest(prepared)
+    listed = [rows.query("split == 'train'")["path"].iloc[0], rows.query("split == 'test'")["path"].iloc[0]]
+    (prepared.root / "data/exclude.txt").write_text("# reviewed\n" + "\n".join(listed) + "\nclass_0/missing.png\n")
+    result = prepared.stage("split")
+    after = manifest(prepared)
+    assert not after["path"].isin(listed).any() and len(after) == len(rows) - 2
+    assert all((prepared.root / "data/raw" / path).exists() for path in listed)
+    assert "split: excluded 2 photos listed in data/exclude.txt" in result.stdout
+    assert "lists 1 paths that are not in the data (e.g. class_0/missing.png)" in result.stdout
+    summary = pd.read_json(prepared.root / "reports/split/summary.json", typ="series")
+    assert summary["excluded"] == 2

@@ -10,9 +10,16 @@ not either. Each trainer fits T and saves it inside the model as a small
 `Temperature` layer (imgcls/layers.py: plain Keras ops, so the model still
 loads in safe_mode and converts to TFLite), and records it in the model card.
 
-The card also records the confidence threshold that keeps `target_coverage`
-of the validation photos (predict_new.min_confidence: auto): below it a
-photo is reported as `unknown`.
+The card also records the confidence threshold below which a photo is
+reported as `unknown` (predict_new.min_confidence: auto). It is a
+split-conformal threshold (Vovk et al. 2005; Angelopoulos and Bates, "A Gentle
+Introduction to Conformal Prediction", 2021) on the calibration split: photos
+no trainer used to pick an epoch, a C or the temperature, so their calibrated
+confidence is exchangeable with a new photo's. Of n such confidences sorted
+from the highest, the threshold is the one at rank ceil((n + 1) * t); a new
+photo then falls at or above it with probability at least t, whatever the
+model. The empirical quantile on the validation photos, used before, was
+optimistic: the epoch and the temperature were chosen to fit those photos.
 
 Calibration is measured by the expected calibration error (ECE) over
 CALIBRATION_BINS equal-width confidence bins: the images' share in each bin
@@ -79,11 +86,27 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     return float((used["images"] * (used["accuracy"] - used["confidence"]).abs()).sum() / max(len(labels), 1))
 
 
-def confidence_threshold(probabilities: np.ndarray, target_coverage: float) -> float:
-    """The highest threshold that still answers (confidence >= threshold) at least `target_coverage` of the photos."""
+def conformal_threshold(probabilities: np.ndarray, target_coverage: float) -> tuple[float, float]:
+    """(threshold, coverage honoured): a new photo's confidence is at or above the threshold with probability
+    at least the coverage honoured, which is target_coverage unless there are too few photos for it.
+
+    With n photos the rank ceil((n + 1) * t) must be at most n, so the largest
+    target n photos can honour is n / (n + 1); above it the stage warns and
+    uses that, the lowest confidence of the n.
+    """
     confidence = np.sort(np.asarray(probabilities).max(axis=1))[::-1]
-    answered = max(1, math.ceil(target_coverage * len(confidence) - 1e-9))
-    return float(confidence[answered - 1])
+    count = len(confidence)
+    if count == 0:
+        raise ValueError("conformal_threshold needs at least one photo")
+    rank = math.ceil((count + 1) * target_coverage - 1e-9)
+    if rank > count:
+        honoured = math.floor(count / (count + 1) * 1e4) / 1e4
+        print(f"warning: {count} calibration photos can honour a target_coverage of at most {honoured:.4f}"
+              f" (n / (n + 1)), not {target_coverage}: using {honoured:.4f}. For {target_coverage} the"
+              f" calibration split needs at least {math.ceil(target_coverage / (1 - target_coverage))} photos:"
+              " raise split.calibration or split.val, or lower predict_new.target_coverage.")
+        return float(confidence[-1]), honoured
+    return float(confidence[rank - 1]), target_coverage
 
 
 def selective_scores(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
@@ -95,29 +118,50 @@ def selective_scores(probabilities: np.ndarray, labels: np.ndarray, threshold: f
             "selective_accuracy": float(correct[answered].mean()) if answered.any() else None}
 
 
-def calibrate(model: keras.Model, card: dict, batches, labels: np.ndarray,
+def coverage_check(coverage: float, target_coverage: float, photos: int) -> dict:
+    """Whether a realised coverage on `photos` test photos meets the target within sampling error.
+
+    The bound is t - 1.96 * sqrt(t * (1 - t) / n): a coverage below it is
+    unlikely (under 2.5%) if the threshold really answers t of such photos.
+    """
+    bound = target_coverage - 1.96 * math.sqrt(target_coverage * (1 - target_coverage) / max(photos, 1))
+    return {"target_coverage": target_coverage, "coverage_lower_bound": round(bound, 5),
+            "coverage_meets_target": bool(coverage >= bound)}
+
+
+def calibrate(model: keras.Model, card: dict, batches, labels: np.ndarray, calibration_batches,
               target_coverage: float) -> tuple[keras.Model, dict]:
     """Fit the temperature on the validation split; return the model with it and the card recording it.
 
     `batches` are the validation images (batches.ImageBatches, split like the
     training's), `labels` their classes. The card gets the temperature, the
-    validation log loss and ECE before and after, and the confidence threshold
-    that keeps `target_coverage` of the validation photos with the calibrated
-    probabilities.
+    validation log loss and ECE before and after, and the conformal confidence
+    threshold for `target_coverage` on `calibration_batches` (the calibration
+    split), or on the validation photos when there is no calibration split.
     """
     probabilities = predict(model, batches)
     temperature = fit_temperature(probabilities, labels)
     calibrated_model = with_temperature(model, temperature)
     calibrated = predict(calibrated_model, batches)
-    threshold = confidence_threshold(calibrated, target_coverage)
+    if calibration_batches is None:
+        print("warning: no calibration split (split.calibration: 0): the `unknown` threshold is set on the"
+              " validation photos, which also chose the epoch and the temperature, so new photos will fall"
+              " below it more often than 1 - predict_new.target_coverage")
+        threshold_split, scored = "val", calibrated
+    else:
+        threshold_split, scored = "calibration", predict(calibrated_model, calibration_batches)
+    threshold_photos = len(scored)
+    threshold, target_coverage = conformal_threshold(scored, target_coverage)
     card = {**card, "temperature": temperature,
             "val_log_loss": {"before": round(log_loss(probabilities, labels), 5),
                              "after": round(log_loss(calibrated, labels), 5)},
             "val_ece": {"before": round(expected_calibration_error(probabilities, labels), 5),
                         "after": round(expected_calibration_error(calibrated, labels), 5)},
-            "confidence_threshold": threshold, "target_coverage": target_coverage}
+            "confidence_threshold": threshold, "target_coverage": target_coverage,
+            "threshold_split": threshold_split, "threshold_photos": threshold_photos}
     print(f"{card['name']}: temperature {temperature:g} fitted on {len(labels)} validation images (log loss"
           f" {card['val_log_loss']['before']:.4f} -> {card['val_log_loss']['after']:.4f}, ECE"
           f" {card['val_ece']['before']:.4f} -> {card['val_ece']['after']:.4f}); confidence threshold"
-          f" {threshold:.4f} keeps {target_coverage:.1%} of them")
+          f" {threshold:.4f}, conformal on {threshold_photos} {threshold_split} photos for a coverage of"
+          f" {target_coverage:.2%}")
     return calibrated_model, card

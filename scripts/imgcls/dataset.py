@@ -38,6 +38,10 @@ MODELS_DIR = Path("models")
 # Folder names of a predefined split in a source, and the split each one means.
 PREDEFINED_SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 SPLITS = ("train", "val", "test")
+# Validation photos held back from every choice a trainer makes, to set the `unknown` threshold on.
+CALIBRATION = "calibration"
+# Photos a reviewer removed from every split, one path (as in the manifest) a line.
+EXCLUDE_FILE = Path("data/exclude.txt")
 
 
 def class_folders(raw: Path = RAW_DIR) -> list[tuple[str, str, Path]]:
@@ -124,8 +128,8 @@ def load_images(size: int) -> np.ndarray:
 
 def load_split(split: str, size: int, manifest: pd.DataFrame | None = None, images: np.ndarray | None = None):
     """Return (images, labels, rows) of one split at one size: uint8 pixels in memory, int labels, manifest rows."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in (*SPLITS, CALIBRATION):
+        raise ValueError(f"split must be one of {(*SPLITS, CALIBRATION)}, got {split!r}")
     manifest = load_manifest() if manifest is None else manifest
     images = load_images(size) if images is None else images
     rows = manifest[manifest["split"] == split].reset_index(drop=True)

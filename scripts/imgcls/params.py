@@ -70,6 +70,9 @@ class SplitParams(Section):
     train: float = Field(gt=0, lt=1)
     val: float = Field(gt=0, lt=1)
     test: float = Field(gt=0, lt=1)
+    # Share of each class's validation photos held back as the `calibration` split, which
+    # only sets the `unknown` threshold; 0 sets it on the validation photos instead.
+    calibration: float = Field(ge=0, lt=1)
     holdout_per_class: int = Field(ge=0)
 
     @model_validator(mode="after")
@@ -307,7 +310,7 @@ class PredictNewParams(Section):
     model: Literal["cnn", "transfer", "best"]
     input_dir: str = Field(min_length=1)
     top_k: int = Field(ge=1, le=100)
-    # A number, or auto: the threshold in the model card, chosen on the validation split for target_coverage.
+    # A number, or auto: the threshold in the model card, set on the calibration split for target_coverage.
     min_confidence: float | str
     target_coverage: float = Field(gt=0, le=1)
     batch_size: int = Field(ge=1, le=4096)
@@ -319,6 +322,13 @@ class PredictNewParams(Section):
         if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
             return value
         raise ValueError("must be a number from 0 to 1, or auto (the threshold in the model card)")
+
+
+class AuditParams(Section):
+    folds: int = Field(ge=2, le=20)  # of the cross-validated classifier that scores each train and val photo
+    # cleanlab's find_label_issues filter_by: which photos count as label issues.
+    filter_by: Literal["prune_by_class", "prune_by_noise_rate", "both", "confident_learning"]
+    gallery_size: int = Field(ge=1, le=100)  # top suspects drawn in reports/audit/suspects.png
 
 
 class ServeParams(Section):
@@ -360,6 +370,7 @@ class Params(Section):
     train_transfer: TrainTransferParams
     evaluate: EvaluateParams
     predict_new: PredictNewParams
+    audit: AuditParams
     serve: ServeParams
     export: ExportParams
 

@@ -5,7 +5,7 @@ card (size, aspect policy, background, pixel limit), so the model sees it
 exactly as it saw its training images. A prediction whose top probability is
 below `min_confidence` is reported as `unknown` rather than forced into a class:
 a photo of something outside the classes must not come out as confident gear.
-`min_confidence: auto` takes the threshold the trainer chose on the validation
+`min_confidence: auto` takes the threshold the trainer set on the calibration
 split and wrote in the model card (imgcls/calibration.py).
 """
 

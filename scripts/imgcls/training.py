@@ -30,7 +30,7 @@ import numpy as np
 from imgcls import checkpoint, device, keras_internals
 from imgcls.batches import ImageBatches
 from imgcls.callbacks import KeepBest, StopOnNonFiniteLoss, TrainingLog
-from imgcls.dataset import CLASSES_FILE, MANIFEST_FILE, images_file, write_json
+from imgcls.dataset import CALIBRATION, CLASSES_FILE, MANIFEST_FILE, images_file, load_split, write_json
 
 
 def seed_everything(seed: int) -> None:
@@ -66,6 +66,11 @@ class TrainingRun:
         resident = isinstance(images, np.ndarray) and device.fits_on_device(images.nbytes)
         return (kind or ImageBatches)(images, labels, num_classes, batch_size, replicas=self.replicas,
                                       process=self.process, resident=resident, **options)
+
+    def calibration_batches(self, image_size: int) -> "ImageBatches | None":
+        """The calibration split's images (calibration.calibrate sets the `unknown` threshold on them), or None."""
+        pixels, _, _ = load_split(CALIBRATION, image_size)
+        return self.batches(pixels, batch_size=64) if len(pixels) else None
 
 
 def start_run(stage: str, section, seed: int, distribution: str, image_size: int) -> TrainingRun:
