@@ -103,17 +103,20 @@ def _hold_back_calibration(index: pd.DataFrame, share: float, seed: int) -> pd.S
     if share == 0:
         return splits
     val = index[splits == "val"]
+    decided: set = set()
     for class_name, rows in val.groupby("label", sort=True):
-        groups = rows["group"].unique()
+        groups = np.array([group for group in rows["group"].unique() if group not in decided])
+        decided.update(groups)  # a group filed under two classes goes with its first, as in _carve
         # Its own random stream (the 2), apart from the one _carve draws the splits with.
         rng = np.random.default_rng([seed, zlib.crc32(str(class_name).encode()), 2])
-        held_back = groups[rng.permutation(len(groups))][:min(round(share * len(groups)), len(groups) - 1)]
-        splits.loc[rows.index[rows["group"].isin(held_back)]] = CALIBRATION
+        held_back = groups[rng.permutation(len(groups))][:max(0, min(round(share * len(groups)), len(groups) - 1))]
+        # Every photo of a held-back group moves, whatever class it is filed under.
+        splits.loc[val.index[val["group"].isin(held_back)]] = CALIBRATION
     return splits
 
 
-def _exclude_reviewed(index: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """The index without the photos data/exclude.txt lists, and those it lists that are not in the data.
+def _exclude_reviewed(index: pd.DataFrame, known: set[str]) -> tuple[pd.DataFrame, list[str]]:
+    """The index without the photos data/exclude.txt lists, and those it lists that are not in `known` (the data).
 
     One path a line, as in the manifest and reports/audit/label_issues.csv
     (relative to data/raw); blank lines and lines starting with # are skipped.
@@ -122,7 +125,7 @@ def _exclude_reviewed(index: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         return index, []
     lines = [line.strip() for line in EXCLUDE_FILE.read_text().splitlines()]
     listed = {line for line in lines if line and not line.startswith("#")}
-    unknown = sorted(listed - set(index["path"]))
+    unknown = sorted(listed - known)
     return index[~index["path"].isin(listed)], unknown
 
 
@@ -244,7 +247,7 @@ def _print_summary(summary: dict, unknown_exclusions: list[str]) -> None:
 def main() -> None:
     params = load_params()
     index, left_out = _read_index()
-    included, unknown_exclusions = _exclude_reviewed(index)
+    included, unknown_exclusions = _exclude_reviewed(index, set(index["path"]) | set(left_out["path"]))
     excluded, index = len(index) - len(included), included.copy()
     index["split"], how = _assign_splits(index, params.split)
     index["split"] = _hold_back_calibration(index, params.split.calibration, params.split.seed)

@@ -99,6 +99,11 @@ def test_too_few_calibration_photos_lower_the_target_with_a_warning(capsys):
     out = capsys.readouterr().out
     assert "5 calibration photos can honour a target_coverage of at most 0.8333" in out
     assert "needs at least 99 photos" in out and "split.calibration" in out
+    # 19 photos are enough for 0.95 (rank ceil(20 * 0.95) = 19); a target of 1 is never honoured.
+    assert calibration.conformal_threshold(confidence, 0.95)[1] == 0.8333
+    assert "needs at least 19 photos" in capsys.readouterr().out
+    assert calibration.conformal_threshold(confidence, 1.0) == (0.7, 0.8333)
+    assert "needs infinitely many photos" in capsys.readouterr().out
 
 
 def test_the_coverage_check_allows_the_sampling_error_of_the_test_split():

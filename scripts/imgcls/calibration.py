@@ -101,10 +101,13 @@ def conformal_threshold(probabilities: np.ndarray, target_coverage: float) -> tu
     rank = math.ceil((count + 1) * target_coverage - 1e-9)
     if rank > count:
         honoured = math.floor(count / (count + 1) * 1e4) / 1e4
+        # n photos honour t when n >= t / (1 - t); no number of them honours a target of 1.
+        needed = (f"at least {math.ceil(target_coverage / (1 - target_coverage) - 1e-9)} photos"
+                  if target_coverage < 1 else "infinitely many photos")
         print(f"warning: {count} calibration photos can honour a target_coverage of at most {honoured:.4f}"
               f" (n / (n + 1)), not {target_coverage}: using {honoured:.4f}. For {target_coverage} the"
-              f" calibration split needs at least {math.ceil(target_coverage / (1 - target_coverage))} photos:"
-              " raise split.calibration or split.val, or lower predict_new.target_coverage.")
+              f" calibration split needs {needed}: raise split.calibration or split.val, or lower"
+              " predict_new.target_coverage.")
         return float(confidence[-1]), honoured
     return float(confidence[rank - 1]), target_coverage
 
@@ -144,9 +147,10 @@ def calibrate(model: keras.Model, card: dict, batches, labels: np.ndarray, calib
     calibrated_model = with_temperature(model, temperature)
     calibrated = predict(calibrated_model, batches)
     if calibration_batches is None:
-        print("warning: no calibration split (split.calibration: 0): the `unknown` threshold is set on the"
-              " validation photos, which also chose the epoch and the temperature, so new photos will fall"
-              " below it more often than 1 - predict_new.target_coverage")
+        print("warning: no calibration photos (split.calibration is 0, or no class has a second validation photo"
+              " to hold back): the `unknown` threshold is set on the validation photos, which also chose the"
+              " epoch and the temperature, so new photos will fall below it more often than"
+              " 1 - predict_new.target_coverage")
         threshold_split, scored = "val", calibrated
     else:
         threshold_split, scored = "calibration", predict(calibrated_model, calibration_batches)
