@@ -28,10 +28,11 @@ CROSS_VALIDATED_SPLITS = ("train", "val", CALIBRATION)
 
 
 def read_photos(image_size: int) -> tuple[pd.DataFrame, np.ndarray]:
-    """The manifest rows of every photo in a split (holdout photos have no label to audit), and their pixels."""
+    """The manifest rows of every photo in a split (holdout photos have no label to audit), and all images as
+    resize's memory map: only the photos whose pixels are needed are read from it."""
     manifest = load_manifest()
     rows = manifest[manifest["split"].isin((*CROSS_VALIDATED_SPLITS, "test"))].reset_index(drop=True)
-    return rows, np.asarray(load_images(image_size)[rows["id"].to_numpy()])
+    return rows, load_images(image_size)
 
 
 def photo_features(params, pixels: np.ndarray, image_size: int, input_size: int) -> tuple[np.ndarray, str]:
@@ -61,7 +62,7 @@ def test_probabilities(rows: pd.DataFrame, class_names: list[str]) -> tuple[np.n
     return mean / mean.sum(axis=1, keepdims=True), [path.stem for path in files]
 
 
-def write_reports(rows: pd.DataFrame, issues: pd.DataFrame, pixels: np.ndarray, class_names: list[str],
+def write_reports(rows: pd.DataFrame, issues: pd.DataFrame, images: np.ndarray, class_names: list[str],
                   source: np.ndarray, gallery_size: int) -> pd.DataFrame:
     """label_issues.csv (ranked) and the gallery of the top suspects; returns the table."""
     from imgcls.gallery import save_gallery
@@ -81,7 +82,7 @@ def write_reports(rows: pd.DataFrame, issues: pd.DataFrame, pixels: np.ndarray, 
     top = table.head(gallery_size)
     captions = [f"#{row.rank} {row.photo}\ngiven: {row.given_label}\nsuggested: {row.suggested_label}"
                 f" ({row.suggested_probability:.0%})" for row in top.itertuples()]
-    save_gallery(REPORT_DIR / "suspects.png", pixels[issues["row"].to_numpy()[:gallery_size]], captions,
+    save_gallery(REPORT_DIR / "suspects.png", images[flagged["id"].to_numpy()[:gallery_size]], captions,
                  f"label audit: the {len(top)} most doubtful of {len(table)} flagged photos",
                  "no photo flagged")
     return table
@@ -97,11 +98,12 @@ def main() -> None:
 
     input_size = transfer.resolve_input_size(params.train_transfer.base, params.train_transfer.input_size)
     image_size = params.resize.array_size(input_size)
-    rows, pixels = read_photos(image_size)
+    rows, images = read_photos(image_size)
     labels = rows["label_index"].to_numpy(dtype=np.int64)
     cross_validated = rows["split"].isin(CROSS_VALIDATED_SPLITS).to_numpy()
 
-    features, described = photo_features(params, pixels[cross_validated], image_size, input_size)
+    pixels = np.asarray(images[rows["id"].to_numpy()[cross_validated]])  # test photos need no pixels
+    features, described = photo_features(params, pixels, image_size, input_size)
     probabilities = np.zeros((len(rows), len(class_names)))
     probabilities[cross_validated], classifier = out_of_fold_probabilities(
         features, labels[cross_validated], len(class_names), section.folds, params.seed)
@@ -110,7 +112,7 @@ def main() -> None:
                       f"mean of trained models ({', '.join(models)})")
 
     issues = rank_label_issues(labels, probabilities, section.filter_by)
-    table = write_reports(rows, issues, pixels, class_names, source, section.gallery_size)
+    table = write_reports(rows, issues, images, class_names, source, section.gallery_size)
     write_json(REPORT_DIR / "metrics.json", {
         "photos": len(rows), "label_issues": len(table), "label_issue_share": round(len(table) / len(rows), 5),
         "label_issues_by_split": {split: int((table["split"] == split).sum())
