@@ -36,7 +36,7 @@ ifneq ($(KERAS_CACHE),)
 export KERAS_HOME := $(CURDIR)/.keras-home
 endif
 
-.PHONY: setup env run test bench bench-transfer bench-trust bench-gpu serve image-serve image-train keras-home clean
+.PHONY: setup env run test bench bench-transfer bench-trust bench-gpu tune tune-apply serve image-serve image-train keras-home clean
 
 setup: $(VENV)/.installed-$(or $(STACK),unknown)
 
@@ -75,6 +75,18 @@ test: setup keras-home
 
 bench: setup keras-home
 	python tests/benchmark.py
+
+# A hyperparameter search over the keys in params.yaml's tune section (README, Tuning): every trial is a
+# DVC experiment (`dvc exp show`). WORKERS trials at a time; TUNE_STORAGE=postgresql://... shares the study
+# between machines; run it again to go on with an interrupted study.
+#   make tune [WORKERS=2] [TUNE_STORAGE=postgresql://user:password@host/database]
+WORKERS ?= 1
+tune: setup keras-home
+	python scripts/tune.py --workers $(WORKERS)
+
+# The best trial becomes the pipeline's model: dvc exp apply <its experiment>, then dvc repro.
+tune-apply: setup keras-home
+	python scripts/tune.py --apply
 
 # train_transfer's defaults beside the previous ones and the linear probe, on gear, trashnet and trashnet at
 # 30 photos a class, 3 splits each (about 70 minutes on 2 CPU cores; needs ../shared/data/datasets/trashnet-256.tar.gz).

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgcls.errors import UserError
+from imgcls.tune_params import TuneParams, check_space
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -360,7 +361,8 @@ class ExportParams(Section):
         return self
 
 
-class Params(Section):
+class PipelineParams(Section):
+    """Every section a stage reads."""
     seed: int = Field(ge=0)
     distribution: Literal["auto", "none"]
     data: DataParams
@@ -375,17 +377,28 @@ class Params(Section):
     export: ExportParams
 
 
+class Params(PipelineParams):
+    """params.yaml: the pipeline's sections and the search over them (tune)."""
+    tune: TuneParams
+
+    @model_validator(mode="after")
+    def _search_space_names_params(self):
+        check_space(self.tune.space, self.model_dump(mode="json", exclude={"tune"}), PipelineParams, _describe)
+        return self
+
+
 def _old_cnn_keys(raw) -> list[str]:
     """A message for each key of train_cnn's old flat layout in a loaded params file."""
     section = raw.get("train_cnn") if isinstance(raw, dict) else None
-    if not isinstance(section, dict):
-        return []
-    return [message for key, value in section.items() if (message := old_cnn_key(key, value))]
+    items = section.items() if isinstance(section, dict) else ()
+    return [message for key, value in items if (message := old_cnn_key(key, value))]
 
 
 def _describe(error: dict) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    key = ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
+    if not key:  # a check across sections, whose message names its keys
+        return message
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (check its spelling; see the comments in params.yaml)"
     if error["type"] == "missing":

@@ -27,7 +27,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from imgcls import checkpoint, device, keras_internals
+from imgcls import checkpoint, device, keras_internals, tuning
 from imgcls.batches import ImageBatches
 from imgcls.callbacks import KeepBest, StopOnNonFiniteLoss, TrainingLog
 from imgcls.dataset import CALIBRATION, CLASSES_FILE, MANIFEST_FILE, images_file, load_split, write_json
@@ -178,7 +178,8 @@ def phase_callbacks(model: keras.Model, log: TrainingLog, best: KeepBest, patien
     wait for (the non-finite loss check runs on Keras' callback thread), so steps
     are dispatched without waiting on the host; tests/test_train_cnn.py checks that.
     """
-    callbacks = [best, log, StopOnNonFiniteLoss()]
+    # Inside a hyperparameter search, a callback that reports each epoch to the trial (tuning.py).
+    callbacks = [best, log, StopOnNonFiniteLoss(), *tuning.pruning_callbacks()]
     swap, counting = None, {}
     if getattr(model.optimizer, "use_ema", False):  # validate and keep the averaged weights (swapped in first)
         swap = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
@@ -269,4 +270,5 @@ def write_training_metrics(path: Path | str, best: KeepBest, seconds: float, ima
         **extra,
     }
     write_json(path, metrics)
+    tuning.record_metrics(metrics)
     return metrics
