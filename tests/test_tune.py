@@ -22,8 +22,8 @@ import pandas as pd
 import pytest
 import yaml
 
-import tune as tune_script
 from conftest import TINY_CNN, make_dataset, stage_env
+from imgcls.search import safe_url
 
 SEARCH = {
     "train_cnn.optimizer.learning_rate": {"type": "float", "low": 0.003, "high": 0.03, "log": True},
@@ -47,7 +47,7 @@ def tune(project, *arguments, check=True, env=None):
 
 
 def study(project, storage=None):
-    url = storage or f"sqlite:///{project.root / 'reports/tune/study.db'}"
+    url = storage or f"sqlite:///{project.root / '.tune/study.db'}"
     return optuna.load_study(study_name="imgcls", storage=url)
 
 
@@ -124,9 +124,18 @@ def test_two_workers_run_every_trial_as_an_experiment_and_the_best_one_applies(p
     assert card["val_accuracy"] == pytest.approx(best["value"], abs=1e-6)
     assert "train_cnn" not in project.dvc("status").stdout  # the applied experiment's model, not retrained
 
+    # A new storage would give its trials the old study's experiment names: the search refuses to start.
+    assert states(project) == ["COMPLETE"] * 4  # the study outlived `dvc exp apply`
+    (project.root / ".tune/study.db").unlink()
+    result = tune(project, check=False)
+    assert result.returncode != 0
+    assert "experiments imgcls-0, imgcls-1, imgcls-2, imgcls-3 exist, but study imgcls" in result.stderr
 
-def test_a_trial_behind_the_others_is_pruned_and_its_experiment_kept(project):
-    """The median pruner stops a trial whose accuracy after an epoch trails the finished trial's."""
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_trial_behind_the_others_is_pruned_and_its_experiment_kept(project, backend):
+    """The median pruner stops a trial whose accuracy after an epoch trails the finished trial's, through the
+    pruning callback on either Keras backend."""
     # 40 photos a class, so that validation accuracy has a few photos to tell the trials apart.
     source = make_dataset(project.root.parent / "larger", per_class=40)
     project.set_params(**{"data.source": str(source), "train_cnn.epochs": 4})
@@ -134,14 +143,15 @@ def test_a_trial_behind_the_others_is_pruned_and_its_experiment_kept(project):
                    space=SEARCH | {"train_cnn.optimizer.learning_rate": {
                        "type": "float", "low": 1e-7, "high": 0.03, "log": True}})
     # A rate that learns the coloured squares within an epoch, then one too small to learn anything.
-    url = f"sqlite:///{project.root / 'reports/tune/study.db'}"
-    (project.root / "reports/tune").mkdir(parents=True)
+    url = f"sqlite:///{project.root / '.tune/study.db'}"
+    (project.root / ".tune").mkdir()
     enqueued = optuna.create_study(study_name="imgcls", storage=url, direction="maximize")
     enqueued.enqueue_trial({"train_cnn.optimizer.learning_rate": 0.01, "train_cnn.label_smoothing": 0.0})
     enqueued.enqueue_trial({"train_cnn.optimizer.learning_rate": 1e-7, "train_cnn.label_smoothing": 0.0})
 
-    result = tune(project)
+    result = tune(project, env={"KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu"})
     assert states(project) == ["COMPLETE", "PRUNED"], result.stdout
+    assert f"train_cnn: backend {backend}," in (project.root / ".tune/logs/imgcls-1.log").read_text()
     pruned = study(project).trials[1]
     assert pruned.user_attrs["pruned_at_epoch"] < 4
     assert "pruned" in result.stdout and "1 pruned" in result.stdout
@@ -255,5 +265,5 @@ def test_two_workers_share_one_postgresql_study(project, postgresql):
     assert len(complete) >= 4  # each worker stops once the study has 4 (the other may be finishing one)
     assert all(output.count("tune: trial") >= 1 for output in outputs), outputs  # both took part
     assert "postgresql://tune@127.0.0.1" in outputs[0]
-    assert tune_script.safe_url("postgresql://tune:secret@db:5432/studies") == "postgresql://tune:***@db:5432/studies"
+    assert safe_url("postgresql://tune:secret@db:5432/studies") == "postgresql://tune:***@db:5432/studies"
     assert {trial.user_attrs["experiment"] for trial in complete} <= experiments(project)

@@ -37,7 +37,10 @@ def build_pruner(name: str, startup_trials: int, warmup_epochs: int):
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
+        # n_min_trials: at an epoch that fewer than startup_trials finished trials reached (the others
+        # stopped early), the "median" would be that of the few that kept improving: no pruning there.
+        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs,
+                                           n_min_trials=max(1, startup_trials))
     if name == "successive_halving":
         # Rungs at warmup_epochs × 2^k epochs, keeping the best third of the trials at each.
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, warmup_epochs))
