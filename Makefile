@@ -36,7 +36,7 @@ ifneq ($(KERAS_CACHE),)
 export KERAS_HOME := $(CURDIR)/.keras-home
 endif
 
-.PHONY: setup env run test bench bench-transfer bench-trust bench-gpu tune tune-apply serve image-serve image-train keras-home clean
+.PHONY: setup env run test bench bench-transfer bench-trust bench-tune bench-gpu tune tune-apply serve image-serve image-train keras-home clean
 
 setup: $(VENV)/.installed-$(or $(STACK),unknown)
 
@@ -97,6 +97,11 @@ bench-transfer: setup keras-home
 # and trashnet, 3 splits each (about 80 minutes on 2 CPU cores; needs ../shared/data/datasets/trashnet-256.tar.gz).
 bench-trust: setup keras-home
 	python tests/bench_trust.py $$(mktemp -d) --split-seeds 0,1,2
+
+# An hour of `make tune` on trashnet, then train_transfer with the default and the tuned params on 3 splits
+# (about 2 hours on 2 CPU cores; needs ../shared/data/datasets/trashnet-256.tar.gz).
+bench-tune: setup keras-home
+	python tests/bench_tune.py $$(mktemp -d) --timeout 3600 --split-seeds 0,1,2
 
 # On a GPU machine: the gear pipeline through evaluate on the GPU (stage times, images/s, pipeline efficiency,
 # a killed stage resumed), with the trained models saved in $(GPU_CHECK_OUT) for
