@@ -139,7 +139,7 @@ def bring_up_to_date(stages: list[str]) -> None:
 def main() -> None:
     arguments = parse_arguments()
     settings, url = tune_settings(arguments)
-    above, searched_above = search.check_space(settings)
+    above, searched_above = search.check_stages_read_space(settings)
     study = search.open_study(settings, url)
     if arguments.apply:
         return apply_best(study, settings)

@@ -113,18 +113,26 @@ def compare(root: Path, split_seeds: tuple[int, ...], names: tuple[str, ...], tr
         (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         for stage in ("data", "resize"):
             run_command([sys.executable, f"scripts/{stage}.py"], workdir)
-        results[name] = {recipe: [] for recipe in RECIPES}
-        for split_seed in split_seeds:
-            params = yaml.safe_load((workdir / "params.yaml").read_text())
-            params["split"]["seed"] = split_seed
-            (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-            run_command([sys.executable, "scripts/split.py"], workdir)
-            for recipe, changes in RECIPES.items():
-                figures = _train_and_test(workdir, changes)
-                results[name][recipe].append({"split_seed": split_seed, **figures})
-                print(f"({name}, split.seed {split_seed}, {recipe}: test {figures['test_accuracy']:.2%} of"
-                      f" {figures['test_images']}, best epoch {figures['best_epoch'] or '–'} of {figures['epochs_run']},"
-                      f" {figures['stage_seconds']:.0f} s, winner {figures['winner']})", file=sys.stderr, flush=True)
+        results[name] = recipes_on_splits(workdir, RECIPES, split_seeds, name)
+    return results
+
+
+def recipes_on_splits(workdir: Path, recipes: dict, split_seeds: tuple[int, ...], name: str) -> dict:
+    """Each split seed (split.py rerun) × each recipe (train_transfer overrides) in `workdir`, whose data
+    and resize stages have run; returns {recipe: [figures per split seed]}."""
+    results = {recipe: [] for recipe in recipes}
+    for split_seed in split_seeds:
+        params = yaml.safe_load((workdir / "params.yaml").read_text())
+        params["split"]["seed"] = split_seed
+        (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        run_command([sys.executable, "scripts/split.py"], workdir)
+        for recipe, changes in recipes.items():
+            figures = _train_and_test(workdir, changes)
+            results[recipe].append({"split_seed": split_seed, **figures})
+            print(f"({name}, split.seed {split_seed}, {recipe}: test {figures['test_accuracy']:.2%} of"
+                  f" {figures['test_images']}, val {figures['val_accuracy']:.2%}, best epoch"
+                  f" {figures['best_epoch'] or '–'} of {figures['epochs_run']}, {figures['stage_seconds']:.0f} s,"
+                  f" winner {figures['winner']})", file=sys.stderr, flush=True)
     return results
 
 

@@ -20,7 +20,7 @@ import time
 import pandas as pd
 import yaml
 
-from bench_transfer_splits import _set, _train_and_test, splits_parser
+from bench_transfer_splits import _set, recipes_on_splits, splits_parser
 from benchmark import cpu_name, environment, make_workdir
 from benchmark import run as run_command
 
@@ -40,23 +40,6 @@ def run_study(workdir, timeout: int) -> tuple[dict, pd.DataFrame, float]:
     return overrides, pd.read_csv(workdir / "reports/tune/trials.csv"), seconds
 
 
-def compare(workdir, overrides: dict, split_seeds: tuple[int, ...]) -> dict:
-    """{"default": [figures per split], "tuned": [...]} from train_transfer trained on each split."""
-    results = {"default": [], "tuned": []}
-    for split_seed in split_seeds:
-        params = yaml.safe_load((workdir / "params.yaml").read_text())
-        params["split"]["seed"] = split_seed
-        (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        run_command([sys.executable, "scripts/split.py"], workdir)
-        for recipe, changes in (("default", {}), ("tuned", overrides)):
-            figures = _train_and_test(workdir, changes)
-            results[recipe].append({"split_seed": split_seed, **figures})
-            print(f"(split.seed {split_seed}, {recipe}: test {figures['test_accuracy']:.2%} of"
-                  f" {figures['test_images']}, val {figures['val_accuracy']:.2%}, {figures['stage_seconds']:.0f} s)",
-                  file=sys.stderr, flush=True)
-    return results
-
-
 def main() -> None:
     parser = splits_parser(__doc__, "trashnet")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds after which the study starts no trial")
@@ -71,7 +54,8 @@ def main() -> None:
                  "trashnet"], workdir)
 
     overrides, trials, study_seconds = run_study(workdir, arguments.timeout)
-    results = compare(workdir, overrides, tuple(int(seed) for seed in arguments.split_seeds.split(",")))
+    split_seeds = tuple(int(seed) for seed in arguments.split_seeds.split(","))
+    results = recipes_on_splits(workdir, {"default": {}, "tuned": overrides}, split_seeds, "trashnet")
     (arguments.root / "results.json").write_text(json.dumps({"overrides": overrides, **results}, indent=1))
 
     counts = trials["state"].value_counts().to_dict()

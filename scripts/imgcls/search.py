@@ -62,7 +62,7 @@ def reads(declared: set[str], key: str) -> bool:
     return any(key == name or key.startswith(name + ".") for name in declared)
 
 
-def check_space(settings: TuneParams) -> tuple[list[str], bool]:
+def check_stages_read_space(settings: TuneParams) -> tuple[list[str], bool]:
     """Check that the tuned stage (or a stage above it) reads every key searched, or its trials would all
     tie; return the stages above it and whether the search changes any of their params."""
     above, params = stages_above(settings.stage)
@@ -190,10 +190,10 @@ def run_trial(trial, settings: TuneParams, url: str) -> float:
         log.write(" ".join(command) + "\n")
         log.flush()
         returncode = run_to_end(command, environment, log)
-    frozen = next(item for item in trial.study.get_trials(deepcopy=False) if item.number == trial.number)
     if returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-5:])
         raise TrialFailed(f"dvc exp run exited with status {returncode} (log: {log_path}):\n{tail}")
+    frozen = next(item for item in trial.study.get_trials(deepcopy=False) if item.number == trial.number)
     if "pruned_at_epoch" in frozen.user_attrs:
         raise optuna.TrialPruned(f"pruned after epoch {frozen.user_attrs['pruned_at_epoch']}")
     value = frozen.user_attrs.get("metrics", {}).get(settings.metric)

@@ -93,7 +93,8 @@ class TuneParams(BaseModel):
         return url
 
 
-def check_space(space: dict[str, SearchDimension], pipeline: dict, schema: type[BaseModel], describe: Callable) -> None:
+def check_space(space: dict[str, SearchDimension], pipeline: dict, schema: type[BaseModel],
+                describe: Callable) -> None:
     """Raise ValueError naming each key of `space` that does not fit the pipeline's params (`pipeline`, as
     plain data): a key that is not a param, a float range on a whole-number param, or an edge value that
     `schema` (the pipeline's) refuses, with `describe`'s words for why."""
