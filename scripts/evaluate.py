@@ -237,6 +237,16 @@ def read_test_split(name: str, model, params, manifest: pd.DataFrame) -> tuple[n
     return load_split("test", size, manifest)
 
 
+def min_confidence_to_score(setting, card: dict, name: str) -> float:
+    """predict_new's `unknown` threshold for this model; 0 (every photo answered) for a model trained without
+    a validation split, which has none to give for 'auto'."""
+    if setting == "auto" and card.get("confidence_threshold") is None and card.get("validation"):
+        print(f"evaluate {name}: trained without a validation split (split.val: 0): no `unknown` threshold,"
+              " every test photo is answered")
+        return 0.0
+    return resolve_min_confidence(setting, card, model_path(name))
+
+
 def evaluate_model(name: str, params, manifest: pd.DataFrame, class_names: list[str],
                    out_of_class: list[Path]) -> dict:
     """Score models/<name>.keras on the test split, write its reports and print its scores; return its metrics."""
@@ -247,9 +257,9 @@ def evaluate_model(name: str, params, manifest: pd.DataFrame, class_names: list[
     pixels, labels, rows = read_test_split(name, model, params, manifest)
     probabilities = model.predict(ImageBatches(pixels, batch_size=section.batch_size), verbose=0)
     metrics, per_class = score(labels, probabilities, class_names)
-    threshold = resolve_min_confidence(params.predict_new.min_confidence, card, model_path(name))
+    threshold = min_confidence_to_score(params.predict_new.min_confidence, card, name)
     target = card.get("target_coverage") if params.predict_new.min_confidence == "auto" else None
-    trust, before = trust_scores(labels, probabilities, float(card.get("temperature", 1.0)), threshold, target)
+    trust, before = trust_scores(labels, probabilities, float(card.get("temperature") or 1.0), threshold, target)
     metrics |= trust
     if out_of_class:
         metrics |= out_of_class_scores(model, card, out_of_class, probabilities.max(axis=1), threshold,

@@ -49,7 +49,7 @@ def _carve(pool: pd.DataFrame, fractions: dict[str, float], holdout: int, seed: 
     shares. First `holdout` images per class are set aside for predict_new;
     then every class gets at least one group in each split; train gets the rest.
     """
-    carved = [split for split in ("test", "val") if split in fractions]
+    carved = [split for split in ("test", "val") if fractions.get(split, 0) > 0]  # split.val 0: no val
     group_split: dict[int, str] = {}
     for class_name, rows in pool.groupby("label", sort=True):
         sizes = rows.groupby("group")["id"].size()
@@ -161,13 +161,16 @@ def _assign_splits(index: pd.DataFrame, section) -> tuple[pd.Series, dict[str, s
     predefined = sorted(set(index["source_split"]) - {""})
     wanted = {"train": section.train, "val": section.val, "test": section.test}
     if not predefined:
-        return _carve(index, wanted, section.holdout_per_class, section.seed), dict.fromkeys(SPLITS, "carved")
+        how = {split: "carved" if wanted[split] else "none (split.val: 0)" for split in SPLITS}
+        return _carve(index, wanted, section.holdout_per_class, section.seed), how
     if "train" not in predefined:
         raise UserError(
             f"the source has {', '.join(predefined)}/ folders but no train/ folder: add train/<class>/ images."
         )
     missing = [split for split in SPLITS if split not in predefined]
     how = {split: "carved from train" if split in missing else "predefined" for split in SPLITS}
+    if "val" in missing and not section.val:
+        how["val"] = "none (split.val: 0)"
     splits = index["source_split"].copy()
     # Carve the missing splits out of train/ in the proportions params give them.
     share = sum(wanted[split] for split in missing + ["train"])
@@ -177,10 +180,11 @@ def _assign_splits(index: pd.DataFrame, section) -> tuple[pd.Series, dict[str, s
     return splits, how
 
 
-def _check_every_class_in_every_split(index: pd.DataFrame, class_names: list[str]) -> None:
-    """Stop, naming them, if some classes have no image in train, val or test."""
+def _check_every_class_in_every_split(index: pd.DataFrame, class_names: list[str], section) -> None:
+    """Stop, naming them, if some classes have no image in train, val (unless split.val is 0) or test."""
+    splits = [split for split in SPLITS if split != "val" or section.val > 0]
     missing_classes = [
-        f"{name} ({split})" for split in SPLITS for name in class_names
+        f"{name} ({split})" for split in splits for name in class_names
         if not ((index["split"] == split) & (index["label"] == name)).any()
     ]
     if missing_classes:
@@ -253,7 +257,7 @@ def main() -> None:
     index["split"] = _hold_back_calibration(index, params.split.calibration, params.split.seed)
     class_names = sorted(index["label"].unique())
     index["label_index"] = index["label"].map({name: position for position, name in enumerate(class_names)})
-    _check_every_class_in_every_split(index, class_names)
+    _check_every_class_in_every_split(index, class_names, params.split)
     leaking = _duplicates_across_splits(index)
     _write_split(index, class_names, leaking)
     summary = _summary(index, how, len(class_names), leaking, left_out, excluded)

@@ -21,7 +21,7 @@ def main() -> None:
     params = load_params()
     section = params.train_cnn
     image_size = params.resize.array_size(section.input_size)
-    class_names, train_set, val_set = load_training_data(image_size)
+    class_names, train_set, val_set = load_training_data(image_size, "train_cnn", validation_optional=True)
     # Keras is imported only now, so a bad params.yaml fails in a fraction of a second.
     device.choose_backend()
     from imgcls import callbacks, cnn_training, modelio, training
@@ -31,9 +31,10 @@ def main() -> None:
     data = cnn_training.Data.prepare(run, section, params.seed, len(class_names), train_set, val_set)
     model = cnn_training.build_and_compile(section, data, image_size, params.seed)
 
-    log, best = callbacks.TrainingLog(REPORT_DIR, title="CNN"), callbacks.KeepBest(section.monitor)
+    # Without a validation split (split.val: 0) the last epoch is kept.
+    log, best = callbacks.TrainingLog(REPORT_DIR, title="CNN"), cnn_training.keep_best(section, data)
     seconds = training.train_phase(model, data.train, data.val, section.epochs, log, best, section.patience,
-                                   run.state)
+                                   run.state, extra_callbacks=cnn_training.lookahead(section, data))
     best.restore(model)
     log.finish()
 
@@ -47,7 +48,8 @@ def main() -> None:
     modelio.save_trained_model(saved, NAME, card)
     metrics = cnn_training.write_metrics(REPORT_DIR / "train.json", model, saved, data, best, seconds, run)
     run.state.finish()
-    print(f"train_cnn: best {section.monitor} {best.best_value:.4f} at epoch {best.best_epoch}/{best.epochs_seen};"
+    print(f"train_cnn: kept epoch {best.best_epoch}/{best.epochs_seen} ({section.monitor}"
+          f" {best.best_logs.get(section.monitor, float('nan')):.4f});"
           f" {metrics['train_seconds']:.0f} s, {metrics['images_per_second']} images/s; saved models/{NAME}.keras")
 
 

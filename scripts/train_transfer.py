@@ -41,7 +41,7 @@ def main() -> None:
     input_size = transfer.resolve_input_size(section.base, section.input_size)
     transfer.check_weights_setting(section.base, section.weights)
     image_size = params.resize.array_size(input_size)
-    class_names, train_set, val_set = load_training_data(image_size)
+    class_names, train_set, val_set = load_training_data(image_size, "train_transfer")
 
     started = time.perf_counter()
     run = training.start_run("train_transfer", section, params.seed, params.distribution, image_size)

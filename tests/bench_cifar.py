@@ -13,7 +13,9 @@ PFLOP) of the same recipe.
     python tests/benchmark.py --only cifar --budget 0.15 [--cifar-data PATH] [--cifar-runs preset,previous] [--seeds 0,1]
 
 `--cifar-runs` picks what is trained: `preset` (the airbench-style candidate, the default), `previous`
-(presets/cifar10.yaml, the measured preset, as the baseline), or both, in that order. `--candidate
+(presets/cifar10.yaml, the measured preset, as the baseline), `reference` (airbench94 itself, reimplemented
+in PyTorch: tests/bench_reference_airbench.py, run by `--reference-python`, on the same data, budget and
+seeds), or several, comma-separated. `--candidate
 KEY=VALUE ...` changes the preset's train_cnn params for this run (dotted keys for nested ones), e.g.
 `--candidate net.activation=relu optimizer.learning_rate=0.8`.
 """
@@ -50,7 +52,7 @@ def epochs_for_budget(section: dict, budget_flops: float, train_images: int) -> 
     """(the most epochs whose training FLOPs fit in the budget, forward FLOPs per image) for a train_cnn section."""
     from imgcls.cnn import build_cnn
     from imgcls.flops import TRAINING_PASSES, forward_flops
-    from imgcls.params import TrainCnnParams
+    from imgcls.cnn_params import TrainCnnParams
 
     params = TrainCnnParams.model_validate(section)
     sample = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)  # FLOPs do not depend on it
@@ -111,11 +113,20 @@ def prepare(workdir: Path, data: Path) -> dict:
 
 
 def run_section(workdir: Path, budget_pflop: float | None, data: Path = DEFAULT_DATA, runs: tuple[str, ...] = ("preset",),
-                seeds: tuple[int, ...] = (0,), changes: dict | None = None) -> list[dict]:
+                seeds: tuple[int, ...] = (0,), changes: dict | None = None,
+                reference_python: str = sys.executable) -> list[dict]:
     """Prepare CIFAR-10 in `workdir` through the data stages, train at the budget once per training seed;
-    return the benchmark row (accuracy: the mean over the seeds). `changes` (dotted train_cnn keys) apply to
-    the preset."""
+    return the benchmark rows (accuracy: the mean over the seeds). `changes` (dotted train_cnn keys) apply to
+    the preset. With "reference" in `runs`, the first row is airbench94's recipe in PyTorch on the same data,
+    budget and seeds (run by `reference_python`)."""
     from imgcls.flops import format_flops
+
+    rows = []
+    if "reference" in runs:
+        rows.append(reference_row(data, budget_pflop or 0.36, seeds, reference_python))
+        runs = tuple(name for name in runs if name != "reference")
+        if not runs:
+            return rows
 
     params_file = workdir / "params.yaml"
     original = params_file.read_text()
@@ -142,7 +153,7 @@ def run_section(workdir: Path, budget_pflop: float | None, data: Path = DEFAULT_
     main_accuracy = float(np.mean([result["accuracy"] for result in main]))
     earlier_accuracy = float(np.mean([result["accuracy"] for result in earlier])) if earlier else None
     over = f"mean of seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    return [{
+    return rows + [{
         "benchmark": f"train_cnn on CIFAR-10, {name} at {budget} (test accuracy, 10,000 images, {over})",
         "value": f"{main_accuracy:.2%}",
         "baseline": f"{earlier_accuracy:.2%} (previous preset, same budget)" if earlier else "",
@@ -152,6 +163,25 @@ def run_section(workdir: Path, budget_pflop: float | None, data: Path = DEFAULT_
         "note": describe_seeds(main, seeds) + (f"; previous: {describe_seeds(earlier, seeds)}" if earlier else "")
                 + f"; {machine}",
     }]
+
+
+def reference_row(data: Path, budget_pflop: float, seeds: tuple[int, ...], python: str) -> dict:
+    """airbench94 reimplemented in PyTorch (tests/bench_reference_airbench.py) on `data` at the budget, per seed."""
+    from imgcls.flops import format_flops
+
+    command = [python, str(REPO / "tests/bench_reference_airbench.py"), "--data", str(Path(data).resolve()),
+               "--budget", str(budget_pflop), "--seeds", ",".join(map(str, seeds))]
+    _, output = run(command, REPO, output=True)
+    results = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    accuracy = float(np.mean([result["test_accuracy"] for result in results]))
+    each = ", ".join(f"seed {result['seed']}: {result['test_accuracy']:.2%} in {result['train_seconds'] / 60:.1f} min"
+                     for result in results)
+    return {"benchmark": f"airbench94 reference (PyTorch) on CIFAR-10 at a {budget_pflop:g} PFLOP budget (test"
+                         f" accuracy, 10,000 images, mean of {len(results)} seed(s))",
+            "value": f"{accuracy:.2%}", "baseline": "", "ratio": "",
+            "flops": format_flops(results[0]["training_flops"]),
+            "note": f"{results[0]['epochs']} epochs of 50,000 images less the last part-batch, six test views;"
+                    f" {each}; {results[0]['device']}"}
 
 
 def describe_seeds(results: list[dict], seeds: tuple[int, ...]) -> str:

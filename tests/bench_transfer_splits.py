@@ -16,6 +16,10 @@ test photos moves by a photo or two with any change.
 
     python tests/benchmark.py --only transfer_splits [--split-seeds 0,1,2] [--datasets gear,trashnet,trashnet30]
     python tests/bench_transfer_splits.py WORKROOT [--split-seeds 0,1] [--datasets trashnet30]
+    python tests/bench_transfer_splits.py WORKROOT --recipes default,candidate --candidate fine_tune.augment.zoom=0
+
+Each split also reports the saved model's test accuracy when it averages its
+predictions over each photo and its mirror image (test-time flips).
 
 trashnet is ../shared/data/datasets/trashnet-256.tar.gz beside the repository
 (or --trashnet PATH); gear comes through the Keras cache (KERAS_HOME).
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmark import REPO, cpu_name, make_workdir
+from benchmark import REPO, cpu_name, make_workdir, parse_overrides
 from benchmark import run as run_command
 
 TRASHNET = REPO.parent / "shared" / "data" / "datasets" / "trashnet-256.tar.gz"
@@ -77,8 +81,12 @@ from imgcls import modelio
 from imgcls.dataset import load_split
 model, card = modelio.load_model('models/transfer.keras')
 pixels, labels, _ = load_split('test', card['image_size'])
+from imgcls.cnn import with_test_time_augmentation
 predicted = model.predict(pixels.astype('float32'), batch_size=64, verbose=0).argmax(axis=1)
+flipped = with_test_time_augmentation(model, flip=True, shift=False)
+predicted_flipped = flipped.predict(pixels.astype('float32'), batch_size=64, verbose=0).argmax(axis=1)
 print(json.dumps({'test_accuracy': float((predicted == labels).mean()), 'test_images': len(labels),
+                  'test_accuracy_flips': float((predicted_flipped == labels).mean()),
                   'winner': card.get('winner')}))
 """
 
@@ -101,7 +109,8 @@ def _train_and_test(workdir: Path, recipe: dict) -> dict:
             "epochs_run": training["epochs_run"], "training_flops": training["training_flops"]}
 
 
-def compare(root: Path, split_seeds: tuple[int, ...], names: tuple[str, ...], trashnet: Path = TRASHNET) -> dict:
+def compare(root: Path, split_seeds: tuple[int, ...], names: tuple[str, ...], trashnet: Path = TRASHNET,
+            recipes: dict = RECIPES) -> dict:
     """Every dataset × split seed × recipe; returns {dataset: {recipe: [figures per split seed]}}."""
     if {"trashnet", "trashnet30"} & set(names) and not trashnet.exists():
         raise SystemExit(f"{trashnet}: no such file (pass --trashnet PATH)")
@@ -113,7 +122,7 @@ def compare(root: Path, split_seeds: tuple[int, ...], names: tuple[str, ...], tr
         (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         for stage in ("data", "resize"):
             run_command([sys.executable, f"scripts/{stage}.py"], workdir)
-        results[name] = recipes_on_splits(workdir, RECIPES, split_seeds, name)
+        results[name] = recipes_on_splits(workdir, recipes, split_seeds, name)
     return results
 
 
@@ -130,7 +139,7 @@ def recipes_on_splits(workdir: Path, recipes: dict, split_seeds: tuple[int, ...]
             figures = _train_and_test(workdir, changes)
             results[recipe].append({"split_seed": split_seed, **figures})
             print(f"({name}, split.seed {split_seed}, {recipe}: test {figures['test_accuracy']:.2%} of"
-                  f" {figures['test_images']}, val {figures['val_accuracy']:.2%}, best epoch"
+                  f" {figures['test_images']} ({figures.get('test_accuracy_flips', 0):.2%} with flips), val {figures['val_accuracy']:.2%}, best epoch"
                   f" {figures['best_epoch'] or '–'} of {figures['epochs_run']}, {figures['stage_seconds']:.0f} s,"
                   f" winner {figures['winner']})", file=sys.stderr, flush=True)
     return results
@@ -143,20 +152,23 @@ def rows(results: dict) -> list[dict]:
 
     table = []
     for name, recipes in results.items():
-        previous = statistics.mean(run["test_accuracy"] for run in recipes["previous"])
+        baseline = "previous" if "previous" in recipes else next(iter(recipes))
+        previous = statistics.mean(run["test_accuracy"] for run in recipes[baseline])
         for recipe, runs in recipes.items():
             accuracy = [run["test_accuracy"] for run in runs]
+            flips = [run.get("test_accuracy_flips", float("nan")) for run in runs]
             seconds = statistics.mean(run["stage_seconds"] for run in runs)
-            base_seconds = statistics.mean(run["stage_seconds"] for run in recipes["previous"])
+            base_seconds = statistics.mean(run["stage_seconds"] for run in recipes[baseline])
             epochs = ", ".join(f"{run['best_epoch'] or '–'}/{run['epochs_run']}" for run in runs)
             winners = ", ".join(str(run["winner"]) for run in runs)
             table.append({
                 "benchmark": f"train_transfer on {name} ({runs[0]['test_images']} test photos), {recipe}",
                 "value": f"{statistics.mean(accuracy):.2%} ({min(accuracy):.1%}–{max(accuracy):.1%})",
-                "baseline": f"{previous:.2%} (previous)",
-                "ratio": f"{seconds / base_seconds:.2f}x the previous stage time ({seconds:.0f} s)",
+                "baseline": f"{previous:.2%} ({baseline})",
+                "ratio": f"{seconds / base_seconds:.2f}x the {baseline} stage time ({seconds:.0f} s)",
                 "flops": format_flops(statistics.mean(run["training_flops"] for run in runs)),
-                "note": f"per split: " + ", ".join(f"{value:.2%}" for value in accuracy)
+                "note": "per split: " + ", ".join(f"{value:.2%}" for value in accuracy)
+                        + f"; with test-time flips {statistics.mean(flips):.2%}"
                         + f"; best epoch/epochs run: {epochs}; winner: {winners}"})
     return table
 
@@ -171,11 +183,26 @@ def splits_parser(description: str, datasets: str) -> argparse.ArgumentParser:
     return parser
 
 
+def chosen_recipes(names: str, candidate: list[str] | None) -> dict:
+    """The recipes named in --recipes, with "candidate" being the --candidate KEY=VALUE train_transfer changes."""
+    available = {**RECIPES, "candidate": parse_overrides(candidate or [])}
+    unknown = [name for name in names.split(",") if name not in available]
+    if unknown:
+        raise SystemExit(f"--recipes: no recipe {', '.join(unknown)}; choose from {', '.join(available)}")
+    if "candidate" in names.split(",") and not candidate:
+        raise SystemExit("--recipes candidate needs --candidate KEY=VALUE ... (train_transfer params)")
+    return {name: available[name] for name in names.split(",")}
+
+
 def main() -> None:
-    arguments = splits_parser(__doc__, "gear,trashnet,trashnet30").parse_args()
+    parser = splits_parser(__doc__, "gear,trashnet,trashnet30")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="which of previous, default, probe, candidate")
+    parser.add_argument("--candidate", nargs="+", metavar="KEY=VALUE", help="train_transfer params of the candidate")
+    arguments = parser.parse_args()
+    recipes = chosen_recipes(arguments.recipes, arguments.candidate)
     started = time.perf_counter()
     results = compare(arguments.root, tuple(int(seed) for seed in arguments.split_seeds.split(",")),
-                      tuple(name for name in arguments.datasets.split(",") if name), arguments.trashnet)
+                      tuple(name for name in arguments.datasets.split(",") if name), arguments.trashnet, recipes)
     (arguments.root / "results.json").write_text(json.dumps(results, indent=1))
     print(f"CPU: {cpu_name()}; {time.perf_counter() - started:.0f} s in all")
     print("| benchmark | mean test accuracy (lowest–highest) | baseline | time | training FLOPs | note |")

@@ -15,7 +15,7 @@ podman or docker); export: each INT8 file against its float32 one (tests/bench_e
 trains the CIFAR-10 preset through the pipeline on a local copy of CIFAR-10,
 at `--budget` PFLOP of training (see tests/bench_cifar.py):
 
-    python tests/benchmark.py --only cifar --budget 0.15 [--cifar-runs preset,previous] [--seeds 0,1]
+    python tests/benchmark.py --only cifar --budget 0.15 [--reference] [--cifar-runs preset,previous] [--seeds 0,1]
                                           [--candidate net.activation=relu ...]
 
 `--only cnn_splits` (also not in the default run: about 20 minutes per split on
@@ -51,7 +51,7 @@ from PIL import Image
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path[:0] = [str(REPO / "scripts"), str(TESTS)]
-from imgcls.params import old_cnn_key  # noqa: E402  (found through the path above)
+from imgcls.cnn_params import old_cnn_key  # noqa: E402  (found through the path above)
 SECTIONS = ("data", "cnn", "transfer", "predict", "device", "near_duplicates", "soak", "images",
             "export")  # `make bench`
 EXTRA_SECTIONS = ("cnn_splits", "cifar", "transfer_splits")  # only when asked for
@@ -265,8 +265,12 @@ def main() -> None:
                              " candidate trained beside the default (default: tests/bench_cnn.py's CANDIDATE);"
                              " cifar: changes to the preset's")
     parser.add_argument("--cifar-runs", default="preset",
-                        help="cifar: preset, previous (the preset before airbench's ideas, the baseline) or both,"
-                             " comma-separated")
+                        help="cifar: preset, previous (the preset before airbench's ideas, the baseline) and/or"
+                             " reference (airbench94 in PyTorch, tests/bench_reference_airbench.py), comma-separated")
+    parser.add_argument("--reference", action="store_true",
+                        help="cifar: also run the reference (the same as adding reference to --cifar-runs)")
+    parser.add_argument("--reference-python", default=sys.executable,
+                        help="cifar: the Python that has PyTorch, for the reference run (default: this one)")
     arguments = parser.parse_args()
     sections = [name for name in arguments.only.split(",") if name]
     unknown = sorted(set(sections) - set(SECTIONS + EXTRA_SECTIONS))
@@ -283,8 +287,10 @@ def main() -> None:
 
         candidate = changes or CANDIDATE
     cifar_runs = tuple(name for name in arguments.cifar_runs.split(",") if name)
-    if not cifar_runs or set(cifar_runs) - {"preset", "previous"}:
-        parser.error(f"--cifar-runs {arguments.cifar_runs!r}: choose preset, previous or both")
+    if arguments.reference and "reference" not in cifar_runs:
+        cifar_runs = ("reference", *cifar_runs)
+    if not cifar_runs or set(cifar_runs) - {"preset", "previous", "reference"}:
+        parser.error(f"--cifar-runs {arguments.cifar_runs!r}: choose from preset, previous and reference")
 
     scratch = None
     if arguments.keep:
@@ -324,7 +330,7 @@ def main() -> None:
 
             seeds = tuple(int(seed) for seed in arguments.seeds.split(","))
             rows += run_section(workdir, arguments.budget, arguments.cifar_data or DEFAULT_DATA, cifar_runs, seeds,
-                                changes)
+                                changes, arguments.reference_python)
     finally:
         print_table(rows)
         if scratch:

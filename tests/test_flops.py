@@ -70,7 +70,7 @@ def test_the_cifar10_net_costs_what_airbench94_reports(filters, expected_megaflo
     from conftest import REPO
     from imgcls.cnn import build_cnn
     from imgcls.flops import TRAINING_PASSES, forward_flops
-    from imgcls.params import TrainCnnParams
+    from imgcls.cnn_params import TrainCnnParams
 
     params = merged(yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"],
                     yaml.safe_load((REPO / "presets/cifar10.yaml").read_text())["train_cnn"])

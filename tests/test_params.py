@@ -98,7 +98,7 @@ def test_a_key_of_the_old_flat_cnn_layout_names_its_new_place(tmp_path):
 
 
 def test_every_old_cnn_key_has_a_new_place_that_exists():
-    from imgcls.params import CNN_KEYS_DROPPED, CNN_KEYS_MOVED, TrainCnnParams
+    from imgcls.cnn_params import CNN_KEYS_DROPPED, CNN_KEYS_MOVED, TrainCnnParams
 
     section = load_params(REPO / "params.yaml").train_cnn
     for old, new in CNN_KEYS_MOVED.items():

@@ -34,7 +34,9 @@ print(json.dumps({"outer_layers": [layer.name for layer in model.layers],
                   "layers": [layer.name for layer in network.layers],
                   "accuracy": float(np.mean(probabilities.argmax(1) == labels)),
                   "probability_sum": float(probabilities.sum(1).mean()),
-                  "whiten_trainable": whiten and whiten.trainable, "whiten_filters": whiten and whiten.filters}))
+                  "whiten_trainable": whiten and whiten.trainable, "whiten_filters": whiten and whiten.filters,
+                  "output_bias": any(layer.name in ("logits", "probabilities") and layer.use_bias
+                                     for layer in network.layers)}))
 """
 
 
@@ -156,7 +158,7 @@ def test_a_trainable_whitening_stem_learns_its_offsets_and_keeps_its_filters():
     import keras
 
     from imgcls.cnn import build_cnn
-    from imgcls.params import TrainCnnParams
+    from imgcls.cnn_params import TrainCnnParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
     params["input_size"] = 16
@@ -216,7 +218,7 @@ def test_conv_init_scale_sets_the_variance_of_the_convolutions_random_start():
     import keras
 
     from imgcls.cnn import build_cnn
-    from imgcls.params import TrainCnnParams
+    from imgcls.cnn_params import TrainCnnParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
     params["input_size"] = 32
@@ -236,7 +238,7 @@ def test_conv_init_scale_sets_the_variance_of_the_convolutions_random_start():
 
 def test_pool_before_norm_pools_each_block_before_its_batch_norm():
     from imgcls.cnn import build_cnn
-    from imgcls.params import TrainCnnParams
+    from imgcls.cnn_params import TrainCnnParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
     params["input_size"] = 32
@@ -275,13 +277,14 @@ def test_a_ramped_average_follows_the_weights_early_and_averages_late(name):
 
     from imgcls.keras_internals import weight_averages
     from imgcls.optim import OptimizerSettings, build_optimizer
-    from imgcls.params import EmaParams
+    from imgcls.cnn_params import EmaParams
 
     def averages(ramp: float) -> list[float]:
         """The moving average after each of 10 steps of a constant gradient."""
         weight = keras.Variable(np.zeros(1), name="kernel")
         optimizer = build_optimizer(OptimizerSettings(name, 0.1, "constant"), epochs=1, steps_per_epoch=10,
-                                    ema=EmaParams(momentum=0.9, every=0, ramp=ramp))
+                                    ema=EmaParams(momentum=0.9, every=0, ramp=ramp,
+                                                               batch_norm_statistics=False))
         path = []
         for _ in range(10):
             optimizer.apply([keras.ops.ones(1)], [weight])
@@ -302,8 +305,36 @@ def test_a_ramped_average_follows_the_weights_early_and_averages_late(name):
     assert last_average == pytest.approx(0.9 * 0.81 * previous_average + (1 - 0.9 * 0.81) * last_weight, rel=1e-5)
 
 
+def test_the_lookahead_averages_the_batch_norm_statistics_with_the_weights():
+    import keras
+
+    from imgcls.optim import Lookahead
+
+    inputs = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    labels = np.arange(8) % 2
+
+    def trained(callbacks: list) -> list[np.ndarray]:
+        """A small network with batch norm, from the same start each time, after one step on one batch."""
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, use_bias=False),
+                                  keras.layers.BatchNormalization(momentum=0.5), keras.layers.Dense(2, activation="softmax")])
+        model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
+        start = model.get_weights()
+        model.fit(inputs, labels, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+        return start, model.get_weights()
+
+    start, fast = trained([])
+    _, averaged = trained([Lookahead(momentum=0.9, every=1, ramp=0.0, total_steps=1)])
+    names = ["kernel", "gamma", "beta", "moving_mean", "moving_variance", "kernel", "bias"]
+    assert len(start) == len(names)
+    for name, before, after_one_step, result in zip(names, start, fast, averaged):
+        assert not np.allclose(before, after_one_step), name  # the step moved every weight, statistics included
+        # ... and the lookahead reset each of them 1 - 0.9 of the way from its start.
+        np.testing.assert_allclose(result, 0.9 * before + 0.1 * after_one_step, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_augmentation_resamples_whole_pixels_with_nearest():
-    from imgcls.params import AugmentParams
+    from imgcls.sections import AugmentParams
     from imgcls.augment import augmentation
 
     shifts = AugmentParams(flip="none", rotation=0, zoom=0, translation=0.25, contrast=0, interpolation="nearest")
@@ -314,7 +345,7 @@ def test_augmentation_resamples_whole_pixels_with_nearest():
 
 
 def test_augmentation_leaves_out_changes_set_to_zero():
-    from imgcls.params import AugmentParams
+    from imgcls.sections import AugmentParams
     from imgcls.augment import augmentation
 
     off = AugmentParams(flip="none", rotation=0, zoom=0, translation=0, contrast=0, interpolation="bilinear")
@@ -327,7 +358,7 @@ def test_augmentation_leaves_out_changes_set_to_zero():
 
 def test_the_seeds_baseline_is_expressible_in_params():
     from imgcls.cnn import build_cnn
-    from imgcls.params import TrainCnnParams
+    from imgcls.cnn_params import TrainCnnParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
     params.update(input_size=64, label_smoothing=0.0, class_weight="none")
@@ -465,7 +496,8 @@ def test_the_fast_cnn_options_train_and_load_safely(prepared):
 
 # Every option from airbench's ablations at once: identity init over PyTorch's smaller random start, fast
 # batch-norm statistics with fixed scales, 64x learning rate on the batch-norm offsets,
-# a ramped moving average of the weights reset into them every 4 steps, alternating flips, whole-pixel shifts,
+# a ramped moving average of the weights and batch-norm statistics reset into them every 4 steps, a head
+# without bias, alternating flips, whole-pixel shifts,
 # pooling before batch norm, a whitening stem whose offsets learn, airbench's triangle of learning rates and
 # weight decay of every trained weight.
 AIRBENCH_OPTIONS = {"train_cnn.net.identity_init": True, "train_cnn.net.conv_init_scale": 0.333,
@@ -477,6 +509,7 @@ AIRBENCH_OPTIONS = {"train_cnn.net.identity_init": True, "train_cnn.net.conv_ini
                     "train_cnn.optimizer.schedule_start": 0.2, "train_cnn.optimizer.schedule_end": 0.07,
                     "train_cnn.optimizer.weight_decay_biases": True,
                     "train_cnn.ema.momentum": 0.8, "train_cnn.ema.every": 4, "train_cnn.ema.ramp": 0.6,
+                    "train_cnn.ema.batch_norm_statistics": True, "train_cnn.net.head": "airbench",
                     "train_cnn.augment.alternate_flips": True, "train_cnn.augment.flip": "none",
                     "train_cnn.augment.translation": 0.1, "train_cnn.augment.interpolation": "nearest"}
 
@@ -489,6 +522,7 @@ def test_the_airbench_options_train_reproducibly_and_save_the_averaged_weights(p
     saved = inspect_saved_cnn(root)
     # The saved model loads in safe_mode and scores what was validated: the averaged weights of the best epoch.
     assert saved["accuracy"] == pytest.approx(card["val_accuracy"], abs=1e-6)
+    assert saved["output_bias"] is False  # airbench's head
     history = [line.split(",")[:6] for line in (root / "reports/cnn/history.csv").read_text().splitlines()]
     prepared.stage("train_cnn")
     again = [line.split(",")[:6] for line in (root / "reports/cnn/history.csv").read_text().splitlines()]
@@ -526,6 +560,42 @@ def test_dvc_exp_run_sets_params_and_records_metrics(project):
 
 # --- bad input -------------------------------------------------------------------------------------------------
 
+def test_without_a_validation_split_train_cnn_keeps_its_last_epoch_and_transfer_stops(prepared):
+    # split.val 0: train on every non-test photo (as for CIFAR-10's 50,000), with nothing to validate on.
+    prepared.set_params(**{**TINY, "split.train": 0.8, "split.val": 0.0, "split.test": 0.2, "train_cnn.epochs": 3})
+    prepared.stage("split")
+    summary = read_json(prepared.root / "reports/split/summary.json")
+    assert summary["splits"]["val"] == {"images": 0, "how": "none (split.val: 0)"}
+    assert summary["splits"]["calibration"]["images"] == 0 and summary["splits"]["test"]["images"] > 0
+    result = prepared.stage("train_cnn")
+    assert "no validation split (split.val: 0)" in result.stdout and "kept epoch 3/3" in result.stdout
+    card = read_json(prepared.root / "models/cnn.json")
+    assert card["best_epoch"] == 3 and card["val_accuracy"] is None
+    assert card["validation"] == "none (split.val: 0): last epoch kept"
+    assert card["temperature"] is None and card["confidence_threshold"] is None
+    history = (prepared.root / "reports/cnn/history.csv").read_text().splitlines()
+    assert len(history) == 4
+    # evaluate scores it on the test split, answering every photo (there is no `unknown` threshold).
+    result = prepared.stage("evaluate")
+    assert "trained without a validation split" in result.stdout
+    metrics = read_json(prepared.root / "reports/evaluate/metrics.json")["cnn"]
+    assert metrics["coverage"] == 1.0 and metrics["temperature"] == 1.0
+    # predict_new can neither rank it ("best") nor set `unknown` without validation: it says so.
+    result = prepared.stage("predict_new", check=False)
+    assert result.returncode == 2 and "'best' cannot rank it" in result.stderr
+    prepared.set_params(**{"predict_new.model": "cnn"})
+    result = prepared.stage("predict_new", check=False)
+    assert result.returncode == 2 and "no `unknown` threshold" in result.stderr
+    assert "set predict_new.min_confidence to a number" in result.stderr
+    # Early stopping has nothing to watch; train_transfer picks its model on validation photos: both say so.
+    prepared.set_params(**{"train_cnn.patience": 2})
+    result = prepared.stage("train_cnn", check=False)
+    assert result.returncode == 2 and "set train_cnn.patience to 0" in result.stderr
+    result = prepared.stage("train_transfer", check=False)
+    assert result.returncode == 2 and "the val split is empty" in result.stderr and "split.val above 0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_missing_split_says_which_stage_to_run(project):
     project.set_params(**TINY)
     result = project.stage("train_cnn", check=False)
@@ -551,7 +621,7 @@ def test_out_of_range_params_name_the_key(prepared):
 def test_conflicting_airbench_options_say_what_to_change():
     from pydantic import ValidationError
 
-    from imgcls.params import TrainCnnParams
+    from imgcls.cnn_params import TrainCnnParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
     def changed(section: str, **changes) -> dict:

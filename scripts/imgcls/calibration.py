@@ -141,7 +141,14 @@ def calibrate(model: keras.Model, card: dict, batches, labels: np.ndarray, calib
     validation log loss and ECE before and after, and the conformal confidence
     threshold for `target_coverage` on `calibration_batches` (the calibration
     split), or on the validation photos when there is no calibration split.
+    Without validation photos (batches None: split.val 0) nothing is fitted,
+    and the card says so.
     """
+    if batches is None:
+        print(f"{card['name']}: no validation split (split.val: 0): the last epoch is kept, and no temperature or"
+              " `unknown` threshold is fitted (predict_new.min_confidence auto then needs a number instead)")
+        return model, {**card, "validation": "none (split.val: 0): last epoch kept", "temperature": None,
+                       "confidence_threshold": None, "threshold_split": None}
     probabilities = predict(model, batches)
     temperature = fit_temperature(probabilities, labels)
     calibrated_model = with_temperature(model, temperature)

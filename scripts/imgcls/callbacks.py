@@ -42,11 +42,12 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 class KeepBest(keras.callbacks.Callback):
     """Remember the weights of the epoch with the best validation score (across several fits)."""
 
-    def __init__(self, monitor: str = "val_accuracy"):
+    def __init__(self, monitor: str = "val_accuracy", keep_last: bool = False):
         super().__init__()
         if monitor not in MONITOR_MODES:
             raise ValueError(f"monitor must be one of {sorted(MONITOR_MODES)}, got {monitor!r}")
         self.monitor = monitor
+        self.keep_last = keep_last  # no validation data: every epoch with finite losses replaces the one before
         self.mode = MONITOR_MODES[monitor]
         self.best_value = None
         self.best_epoch = None  # 1-based, counted across all fits
@@ -69,12 +70,12 @@ class KeepBest(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.epochs_seen += 1
         logs = logs or {}
-        value = logs.get(self.monitor)
+        value = self.epochs_seen if self.keep_last else logs.get(self.monitor)
         if value is None:
             raise ValueError(f"{self.monitor} is not in the epoch logs: pass validation data to fit")
         # An epoch whose losses are not finite has broken weights, whatever its accuracy says.
         finite = all(math.isfinite(logs.get(key, 0.0)) for key in ("loss", "val_loss"))
-        if finite and self.improved(value, logs):
+        if finite and (self.keep_last or self.improved(value, logs)):
             self.best_value = float(value)
             self.best_epoch = self.epochs_seen
             self.best_logs = {key: float(number) for key, number in logs.items()}

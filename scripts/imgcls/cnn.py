@@ -61,7 +61,7 @@ def build_cnn(num_classes: int, image_size: int, section, seed: int, train_image
     x = _convolution_blocks(x, size, net)
     x = _pool_features(x, net.pooling)
     x = _dense_layers(x, net, seed)
-    return keras.Model(inputs, _class_probabilities(x, num_classes, net.output_scale), name="cnn")
+    return keras.Model(inputs, _class_probabilities(x, num_classes, net.output_scale, net.head, seed), name="cnn")
 
 
 def _resize_and_augment(inputs, image_size: int, section, seed: int):
@@ -114,14 +114,23 @@ def _dense_layers(x, net, seed: int):
     return x
 
 
-def _class_probabilities(x, num_classes: int, output_scale: float):
-    """The softmax output layer; its logits scaled by `output_scale` when that is below 1."""
+def _class_probabilities(x, num_classes: int, output_scale: float, head: str = "dense", seed: int = 0):
+    """The softmax output layer; its logits scaled by `output_scale` when that is below 1.
+
+    head "airbench" drops the bias and starts the kernel as PyTorch's Linear
+    does: uniform within 1 / sqrt(inputs), Keras' VarianceScaling of 1/3.
+    """
+    options = {}
+    if head == "airbench":
+        options = {"use_bias": False, "kernel_initializer": keras.initializers.VarianceScaling(
+            1 / 3, mode="fan_in", distribution="uniform", seed=seed + 20)}
     # float32 output keeps probabilities precise under mixed precision.
     if output_scale == 1:
-        return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+        return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities",
+                                  **options)(x)
     # Scaled-down logits slow the last layer relative to the batch-normalised ones below it,
     # so the whole net can train at a high learning rate without the softmax saturating early.
-    x = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    x = keras.layers.Dense(num_classes, dtype="float32", name="logits", **options)(x)
     x = keras.layers.Rescaling(output_scale, dtype="float32", name="logit_scale")(x)
     return keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
 

@@ -13,6 +13,7 @@ import numpy as np
 from imgcls import batches, flops, modelio, optim, training
 from imgcls.callbacks import KeepBest
 from imgcls.cnn import batch_norm_bias_rates, build_cnn, with_test_time_augmentation
+from imgcls.errors import UserError
 
 
 @dataclasses.dataclass
@@ -24,7 +25,7 @@ class Data:
     train_labels: np.ndarray
     val_labels: np.ndarray
     train: batches.ImageBatches
-    val: batches.ImageBatches
+    val: batches.ImageBatches | None  # None: no validation split (split.val: 0)
 
     @classmethod
     def prepare(cls, run: training.TrainingRun, section, seed: int, num_classes: int, train_set, val_set) -> "Data":
@@ -34,7 +35,8 @@ class Data:
         kind = batches.AlternatingFlips if section.augment.alternate_flips else None
         train = run.batches(train_pixels, train_labels, num_classes, section.batch_size, shuffle=True, seed=seed,
                             class_weights=weights, kind=kind)
-        val = run.batches(val_pixels, val_labels, num_classes, batch_size=max(section.batch_size, 64))
+        val = (run.batches(val_pixels, val_labels, num_classes, batch_size=max(section.batch_size, 64))
+               if len(val_labels) else None)
         return cls(num_classes, train_pixels, train_labels, val_labels, train, val)
 
 
@@ -49,14 +51,33 @@ def build_and_compile(section, data: Data, image_size: int, seed: int) -> keras.
     return model
 
 
+def keep_best(section, data: Data) -> KeepBest:
+    """What keeps the epoch to save: the best on validation, or without a validation split the last one."""
+    if data.val is None and section.patience:
+        raise UserError(f"train_cnn.patience ({section.patience}) stops training when validation stops improving,"
+                        " but there is no validation split (split.val: 0): set train_cnn.patience to 0, or"
+                        " split.val above 0")
+    return KeepBest(section.monitor, keep_last=data.val is None)
+
+
+def lookahead(section, data: Data) -> tuple:
+    """The callbacks of section.ema's lookahead over every weight, batch-norm statistics included, if on."""
+    ema = section.ema
+    if not ema.batch_norm_statistics:
+        return ()  # no average, or Keras' own (the optimizer's use_ema, see optim.build_optimizer)
+    return (optim.Lookahead(ema.momentum, ema.every, ema.ramp, total_steps=section.epochs * len(data.train)),)
+
+
 def with_test_time_views(model: keras.Model, test_time, data: Data, best: KeepBest) -> tuple[keras.Model, float]:
     """The model to save and its validation accuracy: the trained one, or (with test_time.flip or .shift) one
     that averages its predictions for the mirror image and/or shifted copies of each photo."""
     if not (test_time.flip or test_time.shift):
-        return model, best.best_logs["val_accuracy"]
+        return model, best.best_logs.get("val_accuracy")
     # Training is unchanged; the saved model also looks at each photo's mirror image and/or shifted copies.
     # (An uncompiled copy: a compiled model nested in the saved one would drag its optimizer along.)
     averaged = with_test_time_augmentation(modelio.uncompiled_copy(model), test_time.flip, test_time.shift)
+    if data.val is None:
+        return averaged, None
     val_accuracy = float((batches.predict(averaged, data.val).argmax(axis=1) == data.val_labels).mean())
     print(f"train_cnn: validation accuracy {best.best_logs['val_accuracy']:.4f}, {val_accuracy:.4f} averaged"
           " over the test-time versions of each image")

@@ -139,14 +139,21 @@ def load_split(split: str, size: int, manifest: pd.DataFrame | None = None, imag
     return pixels, rows["label_index"].to_numpy(dtype=np.int64), rows
 
 
-def load_training_data(image_size: int):
-    """(class names, (train pixels, labels), (val pixels, labels)) at one size of resize.image_size, for a trainer."""
+def load_training_data(image_size: int, stage: str = "", validation_optional: bool = False):
+    """(class names, (train pixels, labels), (val pixels, labels)) at one size of resize.image_size, for a trainer.
+
+    An empty val split (split.val: 0) stops `stage` unless it can train without one (validation_optional).
+    """
     class_names = load_class_names()
     manifest = load_manifest()
     images = load_images(image_size)
     train_pixels, train_labels, _ = load_split("train", image_size, manifest, images)
     val_pixels, val_labels, _ = load_split("val", image_size, manifest, images)
-    for split, labels in (("train", train_labels), ("val", val_labels)):
-        if len(labels) == 0:
-            raise UserError(f"the {split} split is empty: check the split fractions in params.yaml and run `dvc repro split`.")
+    if len(val_labels) == 0 and not validation_optional:
+        raise UserError(f"the val split is empty (split.val: 0?), and {stage or 'this stage'} needs validation"
+                        " photos: it chooses its model and fits its temperature on them. Set"
+                        " split.val above 0 (e.g. 0.15) in params.yaml and run `dvc repro split`; only train_cnn"
+                        " trains without a validation split.")
+    if len(train_labels) == 0:
+        raise UserError("the train split is empty: check the split fractions in params.yaml and run `dvc repro split`.")
     return class_names, (train_pixels, train_labels), (val_pixels, val_labels)

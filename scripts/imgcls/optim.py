@@ -138,7 +138,7 @@ class RampedSGD(RampedAverage, ScaledRates, keras.optimizers.SGD):
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
     """What build_optimizer reads, with the defaults of a plain optimizer; train_cnn's optimizer section
-    (params.OptimizerParams) has the same fields and is passed as it is."""
+    (cnn_params.OptimizerParams) has the same fields and is passed as it is."""
 
     name: str = "adam"  # adam, or sgd (Nesterov momentum 0.9)
     learning_rate: float = 0.001  # the peak
@@ -172,7 +172,8 @@ def build_optimizer(settings, epochs: int, steps_per_epoch: int, rate_scales: di
                                   settings.warmup_epochs, settings.schedule_start, settings.schedule_end)
     decay = settings.weight_decay or None
     options = {"learning_rate": rate, "weight_decay": decay}
-    averaged = ema is not None and ema.momentum > 0
+    # With ema.batch_norm_statistics the average is a callback's (Lookahead), not the optimizer's.
+    averaged = ema is not None and ema.momentum > 0 and not getattr(ema, "batch_norm_statistics", False)
     if averaged:
         options.update(use_ema=True, ema_momentum=ema.momentum, ema_overwrite_frequency=ema.every or None)
     if settings.name == "sgd":
@@ -191,3 +192,51 @@ def build_optimizer(settings, epochs: int, steps_per_epoch: int, rate_scales: di
         optimizer.exclude_from_weight_decay(
             var_names=["gamma"] if settings.weight_decay_biases else ["bias", "gamma", "beta"])
     return optimizer
+
+
+class Lookahead(keras.callbacks.Callback):
+    """A lookahead whose average covers every weight of the model, batch-norm statistics included (as airbench's).
+
+    Keras' average (use_ema) covers the trainable weights only: after each
+    reset to it, the batch-norm layers' running mean and variance still
+    describe the fast weights, not the averaged ones they now normalise.
+    Here, every `every` steps and at the end of each epoch (so validation and
+    the kept epoch see the average), the average of each weight moves
+    1 - decay of the way to the weight, and the weight is reset to the average,
+    with decay = momentum ** every x (step / total_steps) ** ramp. A callback
+    through public Keras APIs only: on JAX, reading `self.model` mid-epoch
+    brings the model's state back from the compiled step first.
+    """
+
+    def __init__(self, momentum: float, every: int, ramp: float, total_steps: int):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"the lookahead needs every >= 1 step between resets, got {every}")
+        self.momentum, self.every, self.ramp, self.total_steps = float(momentum), int(every), float(ramp), total_steps
+        self.step = 0
+        self.averages = None
+
+    def averaged_weights(self) -> list:
+        # On JAX, reading self.model mid-epoch first brings the model's state back from the compiled step.
+        return [weight for weight in self.model.weights if "float" in str(weight.dtype)]
+
+    def on_train_begin(self, logs=None):
+        # The weights are the average at every epoch's end, so a resumed run starts the average from them.
+        self.averages = [keras.ops.copy(weight.value) for weight in self.averaged_weights()]  # a copy, not a view
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = epoch * self.params["steps"]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step = self.epoch_start + batch + 1
+        if (batch + 1) % self.every == 0 or batch + 1 == self.params["steps"]:
+            self.reset_to_average()
+
+    def reset_to_average(self):
+        progress = min(self.step / max(self.total_steps, 1), 1.0)
+        decay = self.momentum ** self.every * progress ** self.ramp
+        for index, weight in enumerate(self.averaged_weights()):
+            average = decay * self.averages[index] + (1 - decay) * keras.ops.convert_to_tensor(weight)
+            self.averages[index] = average
+            # A copy: on JAX the next step donates (frees) the buffers the model's variables hold.
+            weight.assign(keras.ops.copy(average))

@@ -58,6 +58,9 @@ def choose_model(choice: str, models_dir: Path = MODELS_DIR) -> Path:
     scores = {}
     for name in trained:
         card = load_card(models_dir / f"{name}.keras")
+        if card.get("val_accuracy") is None and card.get("validation"):
+            raise UserError(f"{models_dir / name}.keras was trained without a validation split (split.val: 0), so"
+                            f" 'best' cannot rank it: name the model (e.g. predict_new.model: {name})")
         if not isinstance(card.get("val_accuracy"), (int, float)):
             raise UserError(
                 f"{models_dir / name}.json has no numeric val_accuracy, so 'best' cannot rank it:"
@@ -128,6 +131,10 @@ def resolve_min_confidence(setting: float | str, card: dict, model_file: Path | 
     if setting != "auto":
         return float(setting)
     threshold = card.get("confidence_threshold")
+    if threshold is None and str(card.get("validation", "")).startswith("none"):
+        raise UserError(f"{model_file} was trained without a validation split (split.val: 0), so it has no"
+                        " `unknown` threshold for min_confidence 'auto': set predict_new.min_confidence to a number"
+                        " from 0 to 1, or set split.val above 0 and retrain it")
     if not isinstance(threshold, (int, float)):
         stage = PRODUCED_BY.get(Path(model_file).stem)
         retrain = f"retrain it (`dvc repro {stage}`)" if stage else "retrain it with this project's trainers"

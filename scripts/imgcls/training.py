@@ -198,7 +198,7 @@ def phase_callbacks(model: keras.Model, log: TrainingLog, best: KeepBest, patien
 
 def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epochs: int, log: TrainingLog,
                 best: KeepBest, patience: int = 0, state=None, phase: str = "train", verbose: int = 2,
-                plateau: bool = False, epochs_param: str | None = None) -> float:
+                plateau: bool = False, epochs_param: str | None = None, extra_callbacks: tuple = ()) -> float:
     """model.fit for one phase with the shared callbacks; returns the training seconds.
 
     patience > 0 stops the phase after that many epochs without a better
@@ -207,10 +207,12 @@ def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epoc
     while still improving warns, naming `epochs_param`, the cap to raise.
     With a checkpoint.TrainingState, the phase resumes where a killed run of
     the same stage stopped, and saves its state after every epoch. Call
-    `best.restore(model)` after the last phase.
+    `best.restore(model)` after the last phase. `extra_callbacks` run first (e.g. a lookahead, which
+    must have reset the weights before an epoch's validation and KeepBest).
     """
     log.start_phase(phase)
     callbacks, swap, counting = phase_callbacks(model, log, best, patience, plateau)
+    callbacks = [*extra_callbacks, *callbacks]
     first_epoch = 0
     if state is not None:
         first_epoch = state.resume(phase, model, train, log, best)
@@ -242,7 +244,7 @@ def warn_if_capped(log: TrainingLog, best: KeepBest, phase: str, epochs: int, pa
     return True
 
 
-def model_card(name: str, class_names: list[str], resize_section, image_size: int, val_accuracy: float,
+def model_card(name: str, class_names: list[str], resize_section, image_size: int, val_accuracy: float | None,
                **extra) -> dict:
     """The model card modelio expects: names, the image geometry new photos need, validation accuracy, extras."""
     return {
@@ -252,7 +254,7 @@ def model_card(name: str, class_names: list[str], resize_section, image_size: in
         "aspect": resize_section.aspect,
         "background": list(resize_section.background),
         "max_pixels": resize_section.max_pixels,
-        "val_accuracy": float(val_accuracy),
+        "val_accuracy": None if val_accuracy is None else float(val_accuracy),  # None: no validation split
         "backend": keras.backend.backend(),
         **extra,
     }
