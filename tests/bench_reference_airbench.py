@@ -285,7 +285,8 @@ def train_once(data: dict, seed: int, budget_flops: float, device: str) -> dict:
     with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=precision, enabled=precision != torch.float32):
         views = torch.cat([predict_with_views(network, batch) for batch in test_images.split(1000)])
         plain = torch.cat([network(batch) for batch in test_images.split(1000)])
-    return {"seed": seed, "device": device_name(device), "test_accuracy": float((views.argmax(1) == test_labels).float().mean()),
+    return {"seed": seed, "device": device_name(device),
+            "test_accuracy": float((views.argmax(1) == test_labels).float().mean()),
             "test_accuracy_one_view": float((plain.argmax(1) == test_labels).float().mean()),
             "epochs": round(steps / steps_per_epoch, 3), "steps": steps,
             "training_flops": 3 * flops_per_image * BATCH_SIZE * steps, "train_seconds": round(seconds, 1)}
@@ -304,7 +305,8 @@ def main() -> None:
     data = load_cifar(arguments.data)
     if arguments.limit:
         data["train"] = tuple(array[:arguments.limit] for array in data["train"])
-    print(f"airbench94 reference on {device_name(arguments.device)}, PyTorch {torch.__version__}, {len(data['train'][1])} training"
+    print(f"airbench94 reference on {device_name(arguments.device)}, PyTorch {torch.__version__},"
+          f" {len(data['train'][1])} training"
           f" and {len(data['test'][1])} test images, {arguments.budget:g} PFLOP", file=sys.stderr)
     runs = []
     for seed in (int(seed) for seed in arguments.seeds.split(",")):
@@ -312,7 +314,8 @@ def main() -> None:
         print(json.dumps(runs[-1]), flush=True)
     accuracy = [run["test_accuracy"] for run in runs]
     spread = f" ± {statistics.stdev(accuracy):.2%}" if len(accuracy) > 1 else ""
-    print(f"| airbench94 reference, {arguments.budget:g} PFLOP, {runs[0]['device']} | {statistics.mean(accuracy):.2%}{spread}"
+    print(f"| airbench94 reference, {arguments.budget:g} PFLOP, {runs[0]['device']} |"
+          f" {statistics.mean(accuracy):.2%}{spread}"
           f" ({len(runs)} seeds) | {runs[0]['epochs']} epochs | "
           f"{statistics.mean(run['train_seconds'] for run in runs):.1f} s |")
 

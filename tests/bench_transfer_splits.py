@@ -139,7 +139,8 @@ def recipes_on_splits(workdir: Path, recipes: dict, split_seeds: tuple[int, ...]
             figures = _train_and_test(workdir, changes)
             results[recipe].append({"split_seed": split_seed, **figures})
             print(f"({name}, split.seed {split_seed}, {recipe}: test {figures['test_accuracy']:.2%} of"
-                  f" {figures['test_images']} ({figures.get('test_accuracy_flips', 0):.2%} with flips), val {figures['val_accuracy']:.2%}, best epoch"
+                  f" {figures['test_images']} ({figures.get('test_accuracy_flips', 0):.2%} with flips),"
+                  f" val {figures['val_accuracy']:.2%}, best epoch"
                   f" {figures['best_epoch'] or '–'} of {figures['epochs_run']}, {figures['stage_seconds']:.0f} s,"
                   f" winner {figures['winner']})", file=sys.stderr, flush=True)
     return results

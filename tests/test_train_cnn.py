@@ -317,7 +317,8 @@ def test_the_lookahead_averages_the_batch_norm_statistics_with_the_weights():
         """A small network with batch norm, from the same start each time, after one step on one batch."""
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, use_bias=False),
-                                  keras.layers.BatchNormalization(momentum=0.5), keras.layers.Dense(2, activation="softmax")])
+                                  keras.layers.BatchNormalization(momentum=0.5),
+                                  keras.layers.Dense(2, activation="softmax")])
         model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
         start = model.get_weights()
         model.fit(inputs, labels, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
