@@ -217,7 +217,7 @@ def _write_split(index: pd.DataFrame, class_names: list[str], leaking: pd.DataFr
 def _summary(index: pd.DataFrame, how: dict[str, str], classes: int, leaking: pd.DataFrame,
              left_out: pd.DataFrame, excluded: int) -> dict:
     """reports/split/summary.json: images per split and how each split came about, held out, left out, leaks."""
-    how = {**how, CALIBRATION: "held back from val"}
+    how = {**how, CALIBRATION: how["val"] if how["val"].startswith("none") else "held back from val"}
     return {
         "splits": {split: {"images": int((index["split"] == split).sum()), "how": how[split]}
                    for split in (*SPLITS, CALIBRATION)},
