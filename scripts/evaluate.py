@@ -33,7 +33,7 @@ from imgcls.gallery import save_gallery
 from imgcls.images import BadImage
 from imgcls.modelio import MODEL_NAMES, PRODUCED_BY, load_model, model_path
 from imgcls.params import load_params
-from imgcls.predict import decode_for_model, find_images, resolve_min_confidence
+from imgcls.predict import decode_for_model, find_images, resolve_min_confidence, trained_without_validation
 
 matplotlib.use("Agg")  # figures go to files; no screen is needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
@@ -240,7 +240,7 @@ def read_test_split(name: str, model, params, manifest: pd.DataFrame) -> tuple[n
 def min_confidence_to_score(setting, card: dict, name: str) -> float:
     """predict_new's `unknown` threshold for this model; 0 (every photo answered) for a model trained without
     a validation split, which has none to give for 'auto'."""
-    if setting == "auto" and card.get("confidence_threshold") is None and card.get("validation"):
+    if setting == "auto" and trained_without_validation(card):
         print(f"evaluate {name}: trained without a validation split (split.val: 0): no `unknown` threshold,"
               " every test photo is answered")
         return 0.0

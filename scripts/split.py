@@ -28,6 +28,7 @@ from imgcls.dataset import (
     HOLDOUT_DIR,
     INDEX_FILE,
     MANIFEST_FILE,
+    NO_VALIDATION,
     RAW_DIR,
     REPORTS_DIR,
     SPLITS,
@@ -161,7 +162,7 @@ def _assign_splits(index: pd.DataFrame, section) -> tuple[pd.Series, dict[str, s
     predefined = sorted(set(index["source_split"]) - {""})
     wanted = {"train": section.train, "val": section.val, "test": section.test}
     if not predefined:
-        how = {split: "carved" if wanted[split] else "none (split.val: 0)" for split in SPLITS}
+        how = {split: "carved" if wanted[split] else NO_VALIDATION for split in SPLITS}
         return _carve(index, wanted, section.holdout_per_class, section.seed), how
     if "train" not in predefined:
         raise UserError(
@@ -170,7 +171,7 @@ def _assign_splits(index: pd.DataFrame, section) -> tuple[pd.Series, dict[str, s
     missing = [split for split in SPLITS if split not in predefined]
     how = {split: "carved from train" if split in missing else "predefined" for split in SPLITS}
     if "val" in missing and not section.val:
-        how["val"] = "none (split.val: 0)"
+        how["val"] = NO_VALIDATION
     splits = index["source_split"].copy()
     # Carve the missing splits out of train/ in the proportions params give them.
     share = sum(wanted[split] for split in missing + ["train"])
@@ -217,7 +218,7 @@ def _write_split(index: pd.DataFrame, class_names: list[str], leaking: pd.DataFr
 def _summary(index: pd.DataFrame, how: dict[str, str], classes: int, leaking: pd.DataFrame,
              left_out: pd.DataFrame, excluded: int) -> dict:
     """reports/split/summary.json: images per split and how each split came about, held out, left out, leaks."""
-    how = {**how, CALIBRATION: how["val"] if how["val"].startswith("none") else "held back from val"}
+    how = {**how, CALIBRATION: NO_VALIDATION if how["val"] == NO_VALIDATION else "held back from val"}
     return {
         "splits": {split: {"images": int((index["split"] == split).sum()), "how": how[split]}
                    for split in (*SPLITS, CALIBRATION)},

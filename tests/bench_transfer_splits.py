@@ -139,7 +139,7 @@ def recipes_on_splits(workdir: Path, recipes: dict, split_seeds: tuple[int, ...]
             figures = _train_and_test(workdir, changes)
             results[recipe].append({"split_seed": split_seed, **figures})
             print(f"({name}, split.seed {split_seed}, {recipe}: test {figures['test_accuracy']:.2%} of"
-                  f" {figures['test_images']} ({figures.get('test_accuracy_flips', 0):.2%} with flips),"
+                  f" {figures['test_images']} ({figures['test_accuracy_flips']:.2%} with flips),"
                   f" val {figures['val_accuracy']:.2%}, best epoch"
                   f" {figures['best_epoch'] or '–'} of {figures['epochs_run']}, {figures['stage_seconds']:.0f} s,"
                   f" winner {figures['winner']})", file=sys.stderr, flush=True)
@@ -157,7 +157,7 @@ def rows(results: dict) -> list[dict]:
         previous = statistics.mean(run["test_accuracy"] for run in recipes[baseline])
         for recipe, runs in recipes.items():
             accuracy = [run["test_accuracy"] for run in runs]
-            flips = [run.get("test_accuracy_flips", float("nan")) for run in runs]
+            flips = [run["test_accuracy_flips"] for run in runs]
             seconds = statistics.mean(run["stage_seconds"] for run in runs)
             base_seconds = statistics.mean(run["stage_seconds"] for run in recipes[baseline])
             epochs = ", ".join(f"{run['best_epoch'] or '–'}/{run['epochs_run']}" for run in runs)

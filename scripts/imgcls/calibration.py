@@ -34,6 +34,7 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 
 from imgcls.batches import predict
+from imgcls.dataset import NO_VALIDATION
 from imgcls.layers import SMALLEST_PROBABILITY, Temperature
 
 CALIBRATION_BINS = 15
@@ -147,7 +148,7 @@ def calibrate(model: keras.Model, card: dict, batches, labels: np.ndarray, calib
     if batches is None:
         print(f"{card['name']}: no validation split (split.val: 0): the last epoch is kept, and no temperature or"
               " `unknown` threshold is fitted (predict_new.min_confidence auto then needs a number instead)")
-        return model, {**card, "validation": "none (split.val: 0): last epoch kept", "temperature": None,
+        return model, {**card, "validation": f"{NO_VALIDATION}: last epoch kept", "temperature": None,
                        "confidence_threshold": None, "threshold_split": None}
     probabilities = predict(model, batches)
     temperature = fit_temperature(probabilities, labels)

@@ -40,6 +40,8 @@ PREDEFINED_SPLITS = {"train": "train", "val": "val", "valid": "val", "validation
 SPLITS = ("train", "val", "test")
 # Validation photos held back from every choice a trainer makes, to set the `unknown` threshold on.
 CALIBRATION = "calibration"
+# How the split summary and a model card describe a validation split that split.val 0 left out.
+NO_VALIDATION = "none (split.val: 0)"
 # Photos a reviewer removed from every split, one path (as in the manifest) a line.
 EXCLUDE_FILE = Path("data/exclude.txt")
 

@@ -173,7 +173,7 @@ def build_optimizer(settings, epochs: int, steps_per_epoch: int, rate_scales: di
     decay = settings.weight_decay or None
     options = {"learning_rate": rate, "weight_decay": decay}
     # With ema.batch_norm_statistics the average is a callback's (Lookahead), not the optimizer's.
-    averaged = ema is not None and ema.momentum > 0 and not getattr(ema, "batch_norm_statistics", False)
+    averaged = ema is not None and ema.momentum > 0 and not ema.batch_norm_statistics
     if averaged:
         options.update(use_ema=True, ema_momentum=ema.momentum, ema_overwrite_frequency=ema.every or None)
     if settings.name == "sgd":
@@ -213,7 +213,6 @@ class Lookahead(keras.callbacks.Callback):
         if every < 1:
             raise ValueError(f"the lookahead needs every >= 1 step between resets, got {every}")
         self.momentum, self.every, self.ramp, self.total_steps = float(momentum), int(every), float(ramp), total_steps
-        self.step = 0
         self.averages = None
 
     def averaged_weights(self) -> list:
@@ -228,12 +227,11 @@ class Lookahead(keras.callbacks.Callback):
         self.epoch_start = epoch * self.params["steps"]
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step = self.epoch_start + batch + 1
         if (batch + 1) % self.every == 0 or batch + 1 == self.params["steps"]:
-            self.reset_to_average()
+            self.reset_to_average(step=self.epoch_start + batch + 1)
 
-    def reset_to_average(self):
-        progress = min(self.step / max(self.total_steps, 1), 1.0)
+    def reset_to_average(self, step: int):
+        progress = min(step / max(self.total_steps, 1), 1.0)
         decay = self.momentum ** self.every * progress ** self.ramp
         for index, weight in enumerate(self.averaged_weights()):
             average = decay * self.averages[index] + (1 - decay) * keras.ops.convert_to_tensor(weight)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls.dataset import CLASSES_FILE, MODELS_DIR
+from imgcls.dataset import CLASSES_FILE, MODELS_DIR, NO_VALIDATION
 from imgcls.errors import UserError
 from imgcls.images import decode_image
 from imgcls.modelio import MODEL_NAMES, PRODUCED_BY, load_card
@@ -58,7 +58,7 @@ def choose_model(choice: str, models_dir: Path = MODELS_DIR) -> Path:
     scores = {}
     for name in trained:
         card = load_card(models_dir / f"{name}.keras")
-        if card.get("val_accuracy") is None and card.get("validation"):
+        if trained_without_validation(card):
             raise UserError(f"{models_dir / name}.keras was trained without a validation split (split.val: 0), so"
                             f" 'best' cannot rank it: name the model (e.g. predict_new.model: {name})")
         if not isinstance(card.get("val_accuracy"), (int, float)):
@@ -126,12 +126,18 @@ def decode_for_model(source, card: dict) -> np.ndarray:
     ).pixels
 
 
+def trained_without_validation(card: dict) -> bool:
+    """Whether the model was trained without a validation split (split.val 0): it then has no validation
+    accuracy, temperature or `unknown` threshold (calibration.calibrate says so in the card)."""
+    return str(card.get("validation", "")).startswith(NO_VALIDATION)
+
+
 def resolve_min_confidence(setting: float | str, card: dict, model_file: Path | str) -> float:
     """The `unknown` threshold: a number as given, or for "auto" the one the model card records."""
     if setting != "auto":
         return float(setting)
     threshold = card.get("confidence_threshold")
-    if threshold is None and str(card.get("validation", "")).startswith("none"):
+    if trained_without_validation(card):
         raise UserError(f"{model_file} was trained without a validation split (split.val: 0), so it has no"
                         " `unknown` threshold for min_confidence 'auto': set predict_new.min_confidence to a number"
                         " from 0 to 1, or set split.val above 0 and retrain it")
