@@ -31,11 +31,25 @@ def test_the_probe_is_one_softmax_layer_on_the_raw_features_and_matches_scikit_l
     train, val = np.arange(120) % 4 != 0, np.arange(120) % 4 == 0
     probe = fit_probe(features[train], labels[train], features[val], labels[val], num_classes=3)
     assert probe.c in C_VALUES and probe.val_accuracy >= 0.9
-    # The standardisation is folded into the weights: the same probabilities as scikit-learn's own model.
-    mean, scale = features[train].mean(axis=0), features[train].std(axis=0)
+    # The scaling (one spread for all features) is folded into the weights: the same probabilities as
+    # scikit-learn's own model.
+    mean, scale = features[train].mean(axis=0), np.sqrt(features[train].var(axis=0).mean())
     reference = LogisticRegression(C=probe.c, max_iter=1000).fit((features[train] - mean) / scale, labels[train])
     expected = reference.predict_proba((features[val] - mean) / scale)
     np.testing.assert_allclose(probe.probabilities(features[val]), expected, atol=1e-4)
+
+
+def test_a_feature_that_barely_varies_gets_no_huge_weight_for_fine_tuning_to_start_from():
+    # Many pooled features of a ReLU network are almost constant. Dividing each feature by its own spread
+    # would give such a feature its coefficient over 1e-4 as a weight: the same fit on these photos, but
+    # huge gradients for LP-FT and wild logits on an augmented photo.
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(3), 40)
+    features = rng.normal(size=(120, 10)) + np.eye(3, 10)[labels] * 3
+    features[:, 9] = 0.5 + rng.normal(size=120) * 1e-4  # a near-dead feature
+    probe = fit_probe(features[::2], labels[::2], features[1::2], labels[1::2], num_classes=3)
+    assert probe.val_accuracy > 0.9
+    assert np.abs(probe.kernel[9]).max() < 1.0 and np.abs(probe.kernel).max() < 10
 
 
 def test_two_classes_and_a_class_without_training_images():
@@ -64,6 +78,16 @@ def test_a_phase_stops_when_validation_stops_improving_and_cuts_its_rate_first(p
     assert len(history) == improved_at + 4 and training["best_epoch"] >= improved_at
     rates = history["learning_rate"].to_numpy()
     assert rates[0] == pytest.approx(0.05) and rates[-1] == pytest.approx(0.05 * 0.3, rel=1e-4)
+
+
+def test_fine_tuning_warms_its_rate_up_over_its_first_epochs(prepared):
+    prepared.set_params(**{**TINY_TRANSFER, "train_transfer.fine_tune.epochs": 4,
+                           "train_transfer.schedule": "constant", "train_transfer.fine_tune.learning_rate": 0.0003,
+                           "train_transfer.fine_tune.warmup_epochs": 2})
+    prepared.stage("train_transfer")
+    history = pd.read_csv(prepared.root / "reports/transfer/history.csv")
+    rates = history.loc[history["phase"] == "fine-tune", "learning_rate"].to_numpy()
+    assert rates == pytest.approx([0.0001, 0.0002, 0.0003, 0.0003], rel=1e-4)
 
 
 def test_a_phase_that_reaches_its_cap_still_improving_warns_and_names_the_param(prepared):

@@ -135,6 +135,26 @@ class RampedSGD(RampedAverage, ScaledRates, keras.optimizers.SGD):
     pass
 
 
+def warmup_callbacks(learning_rate: float, schedule: str, warmup_epochs: int) -> tuple:
+    """The callbacks of a warm-up over the first `warmup_epochs` of a constant or plateau rate: epoch k
+    (from 1) runs at k / (warmup_epochs + 1) of `learning_rate`, the epoch after at all of it.
+
+    Per epoch, so that no step waits on a per-batch hook, and by setting the
+    rate as ReduceLROnPlateau does, so that the plateau cuts that follow still
+    apply. The cosine and one-cycle schedules warm up per step instead
+    (OptimizerSettings.warmup_epochs).
+    """
+    if warmup_epochs <= 0 or schedule not in ("constant", "plateau"):
+        return ()
+
+    def rate(epoch: int, current: float) -> float:
+        if epoch < warmup_epochs:
+            return learning_rate * (epoch + 1) / (warmup_epochs + 1)
+        return learning_rate if epoch == warmup_epochs else current  # a later cut (plateau) stays
+
+    return (keras.callbacks.LearningRateScheduler(rate),)
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
     """What build_optimizer reads, with the defaults of a plain optimizer; train_cnn's optimizer section

@@ -102,6 +102,7 @@ class TransferFineTuneParams(Section):
     patience: int = Field(ge=0)
     augment: AugmentParams
     cached_copies: int = Field(ge=0, le=50)  # 0: every epoch runs the whole base on freshly augmented images
+    warmup_epochs: int = Field(ge=0, le=100)  # epochs at a rate rising to learning_rate (optim.warmup_callbacks)
 
     @model_validator(mode="after")
     def _unfreeze_is_positive(self):

@@ -6,9 +6,10 @@ uses it twice: as the head that fine-tuning starts from (head.solver: lbfgs,
 and as a candidate model that ships whenever it beats the fine-tuned one on
 validation (probe_candidate), so the stage is never worse than it.
 
-scikit-learn fits it with L-BFGS on standardised features, for each inverse
+scikit-learn fits it with L-BFGS on centred features divided by their overall
+spread (one scale for all of them), for each inverse
 regularisation strength C in C_VALUES; the C with the best validation
-accuracy wins (ties: the lower validation log loss). The standardisation is
+accuracy wins (ties: the lower validation log loss). The scaling is
 then folded into the weights, so the probe is exactly one Dense softmax layer
 on the raw pooled features: softmax(features @ kernel + bias).
 """
@@ -21,14 +22,14 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
-# Half-decades from strong to weak regularisation. Standardised features make
-# the grid independent of the base's feature scale (MobileNetV2 against ResNet50).
+# Half-decades from strong to weak regularisation. Scaled features make the grid
+# independent of the base's feature scale (MobileNetV2 against ResNet50).
 C_VALUES = tuple(float(10.0 ** exponent) for exponent in np.arange(-3.0, 1.01, 0.5))
 
 
 @dataclasses.dataclass(frozen=True)
 class Probe:
-    kernel: np.ndarray  # features × classes, on the raw (not standardised) pooled features
+    kernel: np.ndarray  # features × classes, on the raw (not scaled) pooled features
     bias: np.ndarray  # classes
     c: float  # the inverse regularisation strength chosen on validation
     val_accuracy: float
@@ -66,8 +67,12 @@ def fit_probe(train_features: np.ndarray, train_labels: np.ndarray, val_features
     if missing:
         raise ValueError(f"the linear probe needs training images of every class; classes {missing} have none")
     mean = train_features.mean(axis=0)
-    scale = np.maximum(train_features.std(axis=0), 1e-6)
-    standard_train, standard_val = (train_features - mean) / scale, (val_features - mean) / scale
+    # One scale for all features, not one per feature: a feature that barely varies on the training photos
+    # (many of a ReLU network's pooled features) would otherwise get a weight of its coefficient over its
+    # tiny spread: on the photos it was fitted on that hardly shows, but fine-tuning from it (LP-FT) then
+    # sees huge gradients through those features, and an augmented photo moves its logits wildly.
+    scale = max(float(np.sqrt(train_features.var(axis=0).mean())), 1e-6)
+    standard_train = (train_features - mean) / scale
     best = None
     for c in C_VALUES:
         model = LogisticRegression(C=c, max_iter=1000, class_weight=None if class_weight == "none" else class_weight)
@@ -76,7 +81,7 @@ def fit_probe(train_features: np.ndarray, train_labels: np.ndarray, val_features
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.fit(standard_train, train_labels)
         kernel, bias = _softmax_weights(model)
-        kernel, bias = kernel / scale[:, None], bias - (mean / scale) @ kernel
+        kernel, bias = kernel / scale, bias - (mean / scale) @ kernel
         candidate = Probe(kernel.astype("float32"), bias.astype("float32"), c, 0.0, 0.0)
         accuracy, loss = score(candidate.probabilities(val_features), val_labels)
         if best is None or better((accuracy, loss), (best.val_accuracy, best.val_log_loss)):

@@ -29,7 +29,7 @@ from imgcls.batches import ImageBatches, class_weights
 from imgcls.callbacks import KeepBest, TrainingLog
 from imgcls.features import augmented_copy, compute_features
 from imgcls.features import pooled_features as pooled_features_of
-from imgcls.optim import OptimizerSettings, build_optimizer
+from imgcls.optim import OptimizerSettings, build_optimizer, warmup_callbacks
 from imgcls.params import TrainTransferParams
 from imgcls.probe import Probe, better, fit_probe, score
 from imgcls.training import TrainingRun, compile_classifier, train_phase
@@ -143,10 +143,13 @@ def timed(function, *arguments):
     return result, round(time.perf_counter() - clock, 2)
 
 
-def compile_phase(model, section: TrainTransferParams, phase, steps_per_epoch: int) -> None:
-    settings = OptimizerSettings("adam", phase.learning_rate, section.schedule)
+def compile_phase(model, section: TrainTransferParams, phase, steps_per_epoch: int) -> tuple:
+    """Compile `model` for `phase` (section.head or section.fine_tune); returns the phase's warm-up callbacks."""
+    warmup = getattr(phase, "warmup_epochs", 0)  # fine_tune's (the head's phase has none)
+    settings = OptimizerSettings("adam", phase.learning_rate, section.schedule, warmup_epochs=warmup)
     optimizer = build_optimizer(settings, phase.epochs, steps_per_epoch)
     compile_classifier(model, optimizer, section.label_smoothing)
+    return warmup_callbacks(phase.learning_rate, section.schedule, warmup)
 
 
 def train_phases(net: Networks, data: Data, log: TrainingLog, best: KeepBest) -> tuple[dict, Probe | None]:
@@ -212,12 +215,12 @@ def fine_tune(net: Networks, data: Data, cache: Activations | None, log: Trainin
     # The best weights so far (phase 1's) expressed as this model's weights, so that
     # restoring after phase 2 falls back to them when fine-tuning never did better.
     best.weights = [weight.copy() for weight in model.get_weights()]
-    compile_phase(model, section, section.fine_tune, len(train))
+    warmup = compile_phase(model, section, section.fine_tune, len(train))
     print(f"train_transfer: fine-tuning {trainable} layers of {section.base} ({len(net.base.layers)} in all)"
           + (", on cached activations" if cache is not None else ", on images"))
     seconds = train_phase(model, train, val, section.fine_tune.epochs, log, best, section.fine_tune.patience,
                           data.run.state, phase="fine-tune", plateau=section.schedule == "plateau",
-                          epochs_param="train_transfer.fine_tune.epochs")
+                          epochs_param="train_transfer.fine_tune.epochs", extra_callbacks=warmup)
     best.restore(model)
     return {"fine_tune_seconds": round(seconds, 2)}
 
