@@ -143,13 +143,12 @@ def timed(function, *arguments):
     return result, round(time.perf_counter() - clock, 2)
 
 
-def compile_phase(model, section: TrainTransferParams, phase, steps_per_epoch: int) -> tuple:
+def compile_phase(model, section: TrainTransferParams, phase, steps_per_epoch: int, warmup_epochs: int = 0) -> tuple:
     """Compile `model` for `phase` (section.head or section.fine_tune); returns the phase's warm-up callbacks."""
-    warmup = getattr(phase, "warmup_epochs", 0)  # fine_tune's (the head's phase has none)
-    settings = OptimizerSettings("adam", phase.learning_rate, section.schedule, warmup_epochs=warmup)
+    settings = OptimizerSettings("adam", phase.learning_rate, section.schedule, warmup_epochs=warmup_epochs)
     optimizer = build_optimizer(settings, phase.epochs, steps_per_epoch)
     compile_classifier(model, optimizer, section.label_smoothing)
-    return warmup_callbacks(phase.learning_rate, section.schedule, warmup)
+    return warmup_callbacks(phase.learning_rate, section.schedule, warmup_epochs)
 
 
 def train_phases(net: Networks, data: Data, log: TrainingLog, best: KeepBest) -> tuple[dict, Probe | None]:
@@ -215,7 +214,7 @@ def fine_tune(net: Networks, data: Data, cache: Activations | None, log: Trainin
     # The best weights so far (phase 1's) expressed as this model's weights, so that
     # restoring after phase 2 falls back to them when fine-tuning never did better.
     best.weights = [weight.copy() for weight in model.get_weights()]
-    warmup = compile_phase(model, section, section.fine_tune, len(train))
+    warmup = compile_phase(model, section, section.fine_tune, len(train), section.fine_tune.warmup_epochs)
     print(f"train_transfer: fine-tuning {trainable} layers of {section.base} ({len(net.base.layers)} in all)"
           + (", on cached activations" if cache is not None else ", on images"))
     seconds = train_phase(model, train, val, section.fine_tune.epochs, log, best, section.fine_tune.patience,
