@@ -11,7 +11,9 @@ ones are still frozen, so by default their output is computed once for each
 image and a few augmented copies of it (fine_tune.cached_copies), and each
 epoch runs only the top of the base. The epoch with the best validation
 score is kept, and the linear probe replaces it when it scores better on
-validation (probe_candidate); the card says which won. Curves go to
+validation (probe_candidate); the card says which won. The saved model
+averages its predictions for each photo and its mirror image (test_time), and
+the two candidates are compared that way too. Curves go to
 reports/transfer/ (DVCLive plots data, history.csv, training.png with the
 phase boundary) and the training summary to reports/transfer/train.json.
 The networks are built in imgcls/transfer.py, the phases run in
@@ -56,7 +58,8 @@ def main() -> None:
     seconds = time.perf_counter() - started
     card = training.model_card(NAME, class_names, params.resize, image_size, choice.val_accuracy,
                                base=section.base, input_size=input_size, best_epoch=best.best_epoch,
-                               winner=choice.winner, candidates=choice.candidates, trained_on=run.device)
+                               winner=choice.winner, candidates=choice.candidates, trained_on=run.device,
+                               test_time_flip=section.test_time.flip, test_time_shift=section.test_time.shift)
     classifier, card = calibrate(choice.classifier, card, run.batches(data.val_pixels, batch_size=64),
                                  data.val_labels, run.calibration_batches(image_size),
                                  params.predict_new.target_coverage)
@@ -66,7 +69,7 @@ def main() -> None:
         parameters=int(choice.classifier.count_params()), trained_on=run.device, winner=choice.winner,
         val_accuracy=choice.val_accuracy, **timings,
         **flops.transfer_flops(section, net.base, net.head, net.classifier, log, len(data.train_labels),
-                               len(data.val_labels)))
+                               len(data.val_labels), saved=choice.classifier))
     run.state.finish()
     print(f"train_transfer: saved models/{NAME}.keras, the {choice.winner.replace('_', '-')} model (val accuracy"
           f" {choice.val_accuracy:.4f}; best epoch {best.best_epoch} of {best.epochs_seen});"

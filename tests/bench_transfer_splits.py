@@ -51,6 +51,7 @@ PREVIOUS = {
     "fine_tune.patience": 3,
     "fine_tune.augment.rotation": 0.0,
     "fine_tune.augment.zoom": 0.0,
+    "test_time.flip": False,
 }
 PROBE_ONLY = {"fine_tune.epochs": 0}
 RECIPES = {"previous": PREVIOUS, "default": {}, "probe": PROBE_ONLY}
@@ -81,7 +82,7 @@ from imgcls import modelio
 from imgcls.dataset import load_split
 model, card = modelio.load_model('models/transfer.keras')
 pixels, labels, _ = load_split('test', card['image_size'])
-from imgcls.cnn import with_test_time_augmentation
+from imgcls.augment import with_test_time_augmentation
 predicted = model.predict(pixels.astype('float32'), batch_size=64, verbose=0).argmax(axis=1)
 flipped = with_test_time_augmentation(model, flip=True, shift=False)
 predicted_flipped = flipped.predict(pixels.astype('float32'), batch_size=64, verbose=0).argmax(axis=1)

@@ -450,7 +450,7 @@ def test_the_whitening_stem_decorrelates_image_patches():
 def test_test_time_augmentation_averages_the_mirror_and_shifted_images(flip, shift):
     import keras
 
-    from imgcls.cnn import with_test_time_augmentation
+    from imgcls.augment import with_test_time_augmentation
 
     inputs = keras.Input((8, 8, 3))
     outputs = keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs)))

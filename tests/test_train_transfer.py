@@ -147,7 +147,7 @@ def test_real_imagenet_weights_give_a_linear_probe_far_above_chance():
 
 
 def test_both_phases_train_and_save_a_self_contained_model(prepared):
-    prepared.set_params(**TINY, **ADAM_HEAD)
+    prepared.set_params(**TINY, **ADAM_HEAD, **{"train_transfer.test_time.flip": True})
     result = prepared.stage("train_transfer")
     assert "features of" in result.stdout and "computed once" in result.stdout
     assert "fine-tuning 10 layers of MobileNetV2 (154 in all), on cached activations" in result.stdout
@@ -171,7 +171,13 @@ def test_both_phases_train_and_save_a_self_contained_model(prepared):
     train_images = pd.read_csv(root / "data/split/manifest.csv")["split"].eq("train").sum()
     assert 0 < metrics["training_flops_fine_tune"] < 3 * metrics["forward_flops_per_image"] * train_images
 
-    # The saved model loads in safe mode (no Lambda layers) and predicts from 0..255 pixels alone.
+    # The saved model averages over each photo and its mirror image (test_time.flip), which costs two
+    # passes per photo evaluated.
+    assert card["test_time_flip"] is True and card["test_time_shift"] is False
+    assert 1.9 < metrics["evaluation_flops_per_image"] / metrics["forward_flops_per_image"] < 2.1
+
+    # The saved model loads in safe mode (no Lambda layers) and predicts from 0..255 pixels alone; averaged
+    # over the photo and its mirror image, it answers the same for both.
     check = (
         "import sys; sys.path.insert(0, 'scripts'); import numpy as np\n"
         "from imgcls.modelio import load_model\n"
@@ -179,10 +185,11 @@ def test_both_phases_train_and_save_a_self_contained_model(prepared):
         "model, card = load_model('models/transfer.keras')\n"
         "pixels, labels, _ = load_split('val', card['image_size'])\n"
         "p = model.predict(pixels.astype('float32'), verbose=0)\n"
-        "print(p.shape, round(float(p.sum(axis=1).mean()), 4))\n"
+        "mirrored = model.predict(pixels[:, :, ::-1].astype('float32'), verbose=0)\n"
+        "print(float(np.abs(p - mirrored).max()) < 1e-5, p.shape, round(float(p.sum(axis=1).mean()), 4))\n"
     )
     output = prepared.run(sys.executable, "-c", check).stdout
-    assert output.strip().endswith(", 3) 1.0")
+    assert output.strip().endswith(", 3) 1.0") and output.strip().splitlines()[-1].startswith("True")
 
 
 def test_augmentation_afresh_every_epoch_trains_both_phases_on_images(prepared):

@@ -110,8 +110,10 @@ def test_the_linear_probe_alone_is_a_model_when_phase_two_is_off(prepared):
 
 def test_a_probe_that_beats_the_fine_tuned_model_ships_exports_and_serves(prepared):
     # A rate far too high wrecks fine-tuning (loss finite, answers near chance): the probe must win.
+    # The probe is scored, saved, exported and served with the test-time mirror images (test_time.flip).
     prepared.set_params(**{**TINY_TRANSFER, "train_transfer.fine_tune.learning_rate": 3.0,
-                           "train_transfer.fine_tune.patience": 0, "export.model": "transfer"})
+                           "train_transfer.fine_tune.patience": 0, "export.model": "transfer",
+                           "train_transfer.test_time.flip": True})
     result = prepared.stage("train_transfer")
     card = json.loads((prepared.root / "models/transfer.json").read_text())
     assert card["winner"] == "probe", result.stdout

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from imgcls.sections import AugmentParams, Section
+from imgcls.sections import AugmentParams, Section, TestTimeParams
 
 
 class CnnNetParams(Section):
@@ -85,13 +85,6 @@ class EmaParams(Section):
         return self
 
 
-class CnnTestTimeParams(Section):
-    """train_cnn.test_time: the saved model averages its predictions over these versions of each photo."""
-
-    flip: bool
-    shift: bool
-
-
 class TrainCnnParams(Section):
     # What every trainer has (training.start_run and train_phase read them) at the top, then one section per part.
     input_size: int = Field(ge=8, le=1024)
@@ -107,7 +100,7 @@ class TrainCnnParams(Section):
     augment: CnnAugmentParams
     optimizer: OptimizerParams
     ema: EmaParams
-    test_time: CnnTestTimeParams
+    test_time: TestTimeParams
 
     @model_validator(mode="after")
     def _warmup_within_training(self):

@@ -11,8 +11,9 @@ import keras
 import numpy as np
 
 from imgcls import batches, flops, modelio, optim, training
+from imgcls.augment import with_test_time_augmentation
 from imgcls.callbacks import KeepBest
-from imgcls.cnn import batch_norm_bias_rates, build_cnn, with_test_time_augmentation
+from imgcls.cnn import batch_norm_bias_rates, build_cnn
 from imgcls.errors import UserError
 
 

@@ -113,11 +113,12 @@ class PassFlops(NamedTuple):
     bottom: int  # the base's layers below fine_tune.unfreeze: frozen in both phases
     top: int  # the base's layers from there up: trained in phase 2
     head: int
-    whole: int  # the classifier as saved: base and head (test-time views included)
+    whole: int  # the classifier: base and head
 
 
-def transfer_flops(section, base, head, classifier, log, train_images: int, val_images: int) -> dict:
-    """train.json's FLOP figures for train_transfer: what each phase actually ran.
+def transfer_flops(section, base, head, classifier, log, train_images: int, val_images: int, saved=None) -> dict:
+    """train.json's FLOP figures for train_transfer: what each phase actually ran, and what the saved model
+    (`saved`, test-time views included; `classifier` when not given) costs per photo evaluated.
 
     The base is split where fine-tuning starts (`section.fine_tune.unfreeze`):
     the bottom (frozen in both phases) and the top (trained in phase 2). With
@@ -130,6 +131,7 @@ def transfer_flops(section, base, head, classifier, log, train_images: int, val_
     """
     fine_tune = section.fine_tune.epochs > 0
     flops = _pass_flops(section, base, head, classifier, fine_tune)
+    evaluation = flops.whole if saved is None else forward_flops(saved)
     head_epochs, fine_tune_epochs = _phase_epochs(log)
     cache_phase2 = fine_tune and section.fine_tune.cached_copies > 0
     cache, cache_validation = (_cache_flops(flops, section.fine_tune, train_images, val_images) if cache_phase2
@@ -146,8 +148,8 @@ def transfer_flops(section, base, head, classifier, log, train_images: int, val_
         "training_flops_head": head_training,
         "training_flops_fine_tune": fine_tune_training,
         "validation_flops": cache_validation + head_validation + fine_tune_validation,
-        "evaluation_flops_per_image": flops.whole,
-        "evaluation_flops": flops.whole * _test_images(),
+        "evaluation_flops_per_image": evaluation,
+        "evaluation_flops": evaluation * _test_images(),
     }
 
 

@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from imgcls.cnn_params import TrainCnnParams, old_cnn_key
 from imgcls.errors import UserError
-from imgcls.sections import AugmentParams, Section
+from imgcls.sections import AugmentParams, Section, TestTimeParams
 from imgcls.tune_params import TuneParams, check_space
 
 PARAMS_FILE = Path("params.yaml")
@@ -126,6 +126,7 @@ class TrainTransferParams(Section):
     mixed_precision: Literal["auto", "none", "float16", "bfloat16"]
     head: TransferHeadParams
     fine_tune: TransferFineTuneParams
+    test_time: TestTimeParams
 
     @model_validator(mode="after")
     def _positive_units(self):

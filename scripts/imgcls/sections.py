@@ -1,5 +1,5 @@
 """What every section of params.yaml's schema builds on: a strict base class, and the augmentation settings
-that train_cnn and both phases of train_transfer share."""
+that train_cnn and train_transfer share (in training, and the views a saved model averages over)."""
 
 from typing import Literal
 
@@ -29,3 +29,11 @@ class AugmentParams(Section):
     def off(self) -> bool:
         """Whether every change is off: the images are seen as they are."""
         return self.flip == "none" and not (self.rotation or self.zoom or self.translation or self.contrast)
+
+
+class TestTimeParams(Section):
+    """test_time of train_cnn and train_transfer: the saved model averages its predictions over these versions
+    of each photo (augment.with_test_time_augmentation)."""
+
+    flip: bool  # the mirror image
+    shift: bool  # copies of each version moved by one pixel, up-left and down-right

@@ -15,7 +15,8 @@ their output is computed once for each image and a few augmented copies of it
 the top of the base.
 Both phases share one TrainingLog and KeepBest: the epoch with the best
 validation score over both is kept. choose_model then saves the linear probe
-instead when it does better on validation (probe_candidate).
+instead when it does better on validation (probe_candidate), each scored as it
+is saved: averaging over the test-time views of each photo (test_time).
 """
 
 import dataclasses
@@ -24,7 +25,8 @@ import time
 import keras
 import numpy as np
 
-from imgcls import calibration, transfer
+from imgcls import calibration, modelio, transfer
+from imgcls.augment import with_test_time_augmentation
 from imgcls.batches import ImageBatches, class_weights
 from imgcls.callbacks import KeepBest, TrainingLog
 from imgcls.features import augmented_copy, compute_features
@@ -239,26 +241,47 @@ def choose_model(net: Networks, data: Data, best: KeepBest, probe: Probe | None)
 
     Candidates are compared on validation accuracy, then log loss (probe.better):
     the monitor that picked the best epoch (val_loss by default) includes label
-    smoothing, which the probe never saw. A probe that wins ships as the frozen
-    base with one Dense softmax layer holding its weights.
+    smoothing, which the probe never saw. Each is scored as it would be saved:
+    with the test-time views of each photo (section.test_time), when on. A probe
+    that wins ships as the frozen base with one Dense softmax layer holding its
+    weights.
     """
     section = data.section
     trained_name = "fine_tune" if net.fine_tune else "head"
     if best.best_epoch is None:  # no epoch ran at all: phase 1 was the probe and phase 2 is off
-        candidates = {"probe": {"val_accuracy": probe.val_accuracy, "val_log_loss": probe.val_log_loss}}
-        return Choice(net.classifier, "probe", probe.val_accuracy, candidates)
-    probabilities = calibration.predict(net.classifier, data.run.batches(data.val_pixels, batch_size=64))
-    trained = score(probabilities, data.val_labels)
-    candidates = {trained_name: {"val_accuracy": trained[0], "val_log_loss": trained[1]}}
+        classifier, scores = as_saved(net.classifier, data, probe)
+        return Choice(classifier, "probe", scores[0], {"probe": figures(scores, probe)})
+    classifier, trained = as_saved(net.classifier, data)
+    candidates = {trained_name: figures(trained)}
     if probe is None or not section.probe_candidate:
-        return Choice(net.classifier, trained_name, trained[0], candidates)
-    candidates["probe"] = {"val_accuracy": probe.val_accuracy, "val_log_loss": probe.val_log_loss, "c": probe.c}
-    if not better((probe.val_accuracy, probe.val_log_loss), trained):
+        return Choice(classifier, trained_name, trained[0], candidates)
+    probe_classifier = transfer.build_probe_classifier(section, probe, data.num_classes, net.image_size, net.input_size)
+    probe_classifier, probe_scores = as_saved(probe_classifier, data, probe)
+    candidates["probe"] = figures(probe_scores, probe)
+    if not better(probe_scores, trained):
         print(f"train_transfer: the {trained_name.replace('_', '-')} model beats the linear probe on validation"
-              f" ({trained[0]:.4f} against {probe.val_accuracy:.4f})")
-        return Choice(net.classifier, trained_name, trained[0], candidates)
+              f" ({trained[0]:.4f} against {probe_scores[0]:.4f})")
+        return Choice(classifier, trained_name, trained[0], candidates)
     print(f"train_transfer: the linear probe beats the {trained_name.replace('_', '-')} model on validation"
-          f" ({probe.val_accuracy:.4f} against {trained[0]:.4f}, log loss {probe.val_log_loss:.4f} against"
+          f" ({probe_scores[0]:.4f} against {trained[0]:.4f}, log loss {probe_scores[1]:.4f} against"
           f" {trained[1]:.4f}): it is the model saved")
-    classifier = transfer.build_probe_classifier(section, probe, data.num_classes, net.image_size, net.input_size)
-    return Choice(classifier, "probe", probe.val_accuracy, candidates)
+    return Choice(probe_classifier, "probe", probe_scores[0], candidates)
+
+
+def as_saved(classifier: keras.Model, data: Data, probe: Probe | None = None) -> tuple[keras.Model, tuple]:
+    """The classifier as it is saved (averaging over the test-time views of each photo, when section.test_time
+    asks for any) and its (accuracy, log loss) on validation. The probe's own figures, from the features,
+    stand for a probe classifier without views."""
+    test_time = data.section.test_time
+    if not (test_time.flip or test_time.shift):
+        if probe is not None:
+            return classifier, (probe.val_accuracy, probe.val_log_loss)
+    else:  # an uncompiled copy: a compiled model nested in the saved one would drag its optimizer along
+        classifier = with_test_time_augmentation(modelio.uncompiled_copy(classifier), test_time.flip, test_time.shift)
+    probabilities = calibration.predict(classifier, data.run.batches(data.val_pixels, batch_size=64))
+    return classifier, score(probabilities, data.val_labels)
+
+
+def figures(scores: tuple, probe: Probe | None = None) -> dict:
+    """A candidate's validation figures for the card (and the probe's regularisation C)."""
+    return {"val_accuracy": scores[0], "val_log_loss": scores[1], **({"c": probe.c} if probe is not None else {})}
