@@ -249,14 +249,15 @@ def choose_model(net: Networks, data: Data, best: KeepBest, probe: Probe | None)
     section = data.section
     trained_name = "fine_tune" if net.fine_tune else "head"
     if best.best_epoch is None:  # no epoch ran at all: phase 1 was the probe and phase 2 is off
-        classifier, scores = as_saved(net.classifier, data, probe)
-        return Choice(classifier, "probe", scores[0], {"probe": figures(scores, probe)})
+        saved_probe, scores = probe_as_saved(lambda: net.classifier, data, probe)
+        return Choice(saved_probe(), "probe", scores[0], {"probe": figures(scores, probe)})
     classifier, trained = as_saved(net.classifier, data)
     candidates = {trained_name: figures(trained)}
     if probe is None or not section.probe_candidate:
         return Choice(classifier, trained_name, trained[0], candidates)
-    probe_classifier = transfer.build_probe_classifier(section, probe, data.num_classes, net.image_size, net.input_size)
-    probe_classifier, probe_scores = as_saved(probe_classifier, data, probe)
+    saved_probe, probe_scores = probe_as_saved(
+        lambda: transfer.build_probe_classifier(section, probe, data.num_classes, net.image_size, net.input_size),
+        data, probe)
     candidates["probe"] = figures(probe_scores, probe)
     if not better(probe_scores, trained):
         print(f"train_transfer: the {trained_name.replace('_', '-')} model beats the linear probe on validation"
@@ -265,21 +266,28 @@ def choose_model(net: Networks, data: Data, best: KeepBest, probe: Probe | None)
     print(f"train_transfer: the linear probe beats the {trained_name.replace('_', '-')} model on validation"
           f" ({probe_scores[0]:.4f} against {trained[0]:.4f}, log loss {probe_scores[1]:.4f} against"
           f" {trained[1]:.4f}): it is the model saved")
-    return Choice(probe_classifier, "probe", probe_scores[0], candidates)
+    return Choice(saved_probe(), "probe", probe_scores[0], candidates)
 
 
-def as_saved(classifier: keras.Model, data: Data, probe: Probe | None = None) -> tuple[keras.Model, tuple]:
+def as_saved(classifier: keras.Model, data: Data) -> tuple[keras.Model, tuple]:
     """The classifier as it is saved (averaging over the test-time views of each photo, when section.test_time
-    asks for any) and its (accuracy, log loss) on validation. The probe's own figures, from the features,
-    stand for a probe classifier without views."""
+    asks for any) and its (accuracy, log loss) on validation."""
     test_time = data.section.test_time
-    if not (test_time.flip or test_time.shift):
-        if probe is not None:
-            return classifier, (probe.val_accuracy, probe.val_log_loss)
-    else:  # an uncompiled copy: a compiled model nested in the saved one would drag its optimizer along
+    if test_time.flip or test_time.shift:
+        # An uncompiled copy: a compiled model nested in the saved one would drag its optimizer along.
         classifier = with_test_time_augmentation(modelio.uncompiled_copy(classifier), test_time.flip, test_time.shift)
     probabilities = calibration.predict(classifier, data.run.batches(data.val_pixels, batch_size=64))
     return classifier, score(probabilities, data.val_labels)
+
+
+def probe_as_saved(build, data: Data, probe: Probe) -> tuple:
+    """(a function returning the probe classifier as saved, its validation scores). Without test-time views
+    the probe's own figures, from the features, are the classifier's, and `build` runs only if it is saved."""
+    test_time = data.section.test_time
+    if not (test_time.flip or test_time.shift):
+        return build, (probe.val_accuracy, probe.val_log_loss)
+    classifier, scores = as_saved(build(), data)
+    return (lambda: classifier), scores
 
 
 def figures(scores: tuple, probe: Probe | None = None) -> dict:
