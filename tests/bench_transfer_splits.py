@@ -51,7 +51,6 @@ PREVIOUS = {
     "fine_tune.patience": 3,
     "fine_tune.augment.rotation": 0.0,
     "fine_tune.augment.zoom": 0.0,
-    "test_time.flip": False,
 }
 PROBE_ONLY = {"fine_tune.epochs": 0}
 RECIPES = {"previous": PREVIOUS, "default": {}, "probe": PROBE_ONLY}

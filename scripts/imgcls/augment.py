@@ -4,7 +4,7 @@ and the fixed views of each photo that a saved model averages its predictions ov
 import keras
 import numpy as np
 
-from imgcls import device
+from imgcls import device, modelio
 
 
 def augmentation(section, seed: int) -> keras.Sequential:
@@ -59,6 +59,15 @@ def with_test_time_augmentation(model: keras.Model, flip: bool, shift: bool) -> 
         return model
     outputs = keras.layers.Average(dtype="float32", name="mean_probabilities")([model(view) for view in views])
     return keras.Model(inputs, outputs, name=f"{model.name}_test_time_augmented")
+
+
+def test_time_model(model: keras.Model, test_time) -> keras.Model:
+    """The model to save for a test_time section (TestTimeParams): `model` itself without views; with them,
+    with_test_time_augmentation around an uncompiled copy (a compiled model nested in the saved one would drag
+    its optimizer along)."""
+    if not test_time.on:
+        return model
+    return with_test_time_augmentation(modelio.uncompiled_copy(model), test_time.flip, test_time.shift)
 
 
 def _shift_matrix(length: int, step: int) -> np.ndarray:

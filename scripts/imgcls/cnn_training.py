@@ -10,8 +10,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from imgcls import batches, flops, modelio, optim, training
-from imgcls.augment import with_test_time_augmentation
+from imgcls import batches, flops, optim, training
+from imgcls.augment import test_time_model
 from imgcls.callbacks import KeepBest
 from imgcls.cnn import batch_norm_bias_rates, build_cnn
 from imgcls.errors import UserError
@@ -72,11 +72,10 @@ def lookahead(section, data: Data) -> tuple:
 def with_test_time_views(model: keras.Model, test_time, data: Data, best: KeepBest) -> tuple[keras.Model, float]:
     """The model to save and its validation accuracy: the trained one, or (with test_time.flip or .shift) one
     that averages its predictions for the mirror image and/or shifted copies of each photo."""
-    if not (test_time.flip or test_time.shift):
+    if not test_time.on:
         return model, best.best_logs.get("val_accuracy")
     # Training is unchanged; the saved model also looks at each photo's mirror image and/or shifted copies.
-    # (An uncompiled copy: a compiled model nested in the saved one would drag its optimizer along.)
-    averaged = with_test_time_augmentation(modelio.uncompiled_copy(model), test_time.flip, test_time.shift)
+    averaged = test_time_model(model, test_time)
     if data.val is None:
         return averaged, None
     val_accuracy = float((batches.predict(averaged, data.val).argmax(axis=1) == data.val_labels).mean())

@@ -116,9 +116,9 @@ class PassFlops(NamedTuple):
     whole: int  # the classifier: base and head
 
 
-def transfer_flops(section, base, head, classifier, log, train_images: int, val_images: int, saved=None) -> dict:
+def transfer_flops(section, base, head, classifier, log, train_images: int, val_images: int, saved) -> dict:
     """train.json's FLOP figures for train_transfer: what each phase actually ran, and what the saved model
-    (`saved`, test-time views included; `classifier` when not given) costs per photo evaluated.
+    (`saved`, test-time views included) costs per photo evaluated.
 
     The base is split where fine-tuning starts (`section.fine_tune.unfreeze`):
     the bottom (frozen in both phases) and the top (trained in phase 2). With
@@ -131,7 +131,7 @@ def transfer_flops(section, base, head, classifier, log, train_images: int, val_
     """
     fine_tune = section.fine_tune.epochs > 0
     flops = _pass_flops(section, base, head, classifier, fine_tune)
-    evaluation = flops.whole if saved is None else forward_flops(saved)
+    evaluation = forward_flops(saved)
     head_epochs, fine_tune_epochs = _phase_epochs(log)
     cache_phase2 = fine_tune and section.fine_tune.cached_copies > 0
     cache, cache_validation = (_cache_flops(flops, section.fine_tune, train_images, val_images) if cache_phase2

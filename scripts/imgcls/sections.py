@@ -37,3 +37,8 @@ class TestTimeParams(Section):
 
     flip: bool  # the mirror image
     shift: bool  # copies of each version moved by one pixel, up-left and down-right
+
+    @property
+    def on(self) -> bool:
+        """Whether the saved model averages over any view besides the photo itself."""
+        return self.flip or self.shift

@@ -25,8 +25,8 @@ import time
 import keras
 import numpy as np
 
-from imgcls import calibration, modelio, transfer
-from imgcls.augment import with_test_time_augmentation
+from imgcls import calibration, transfer
+from imgcls.augment import test_time_model
 from imgcls.batches import ImageBatches, class_weights
 from imgcls.callbacks import KeepBest, TrainingLog
 from imgcls.features import augmented_copy, compute_features
@@ -272,10 +272,7 @@ def choose_model(net: Networks, data: Data, best: KeepBest, probe: Probe | None)
 def as_saved(classifier: keras.Model, data: Data) -> tuple[keras.Model, tuple]:
     """The classifier as it is saved (averaging over the test-time views of each photo, when section.test_time
     asks for any) and its (accuracy, log loss) on validation."""
-    test_time = data.section.test_time
-    if test_time.flip or test_time.shift:
-        # An uncompiled copy: a compiled model nested in the saved one would drag its optimizer along.
-        classifier = with_test_time_augmentation(modelio.uncompiled_copy(classifier), test_time.flip, test_time.shift)
+    classifier = test_time_model(classifier, data.section.test_time)
     probabilities = calibration.predict(classifier, data.run.batches(data.val_pixels, batch_size=64))
     return classifier, score(probabilities, data.val_labels)
 
@@ -283,8 +280,7 @@ def as_saved(classifier: keras.Model, data: Data) -> tuple[keras.Model, tuple]:
 def probe_as_saved(build, data: Data, probe: Probe) -> tuple:
     """(a function returning the probe classifier as saved, its validation scores). Without test-time views
     the probe's own figures, from the features, are the classifier's, and `build` runs only if it is saved."""
-    test_time = data.section.test_time
-    if not (test_time.flip or test_time.shift):
+    if not data.section.test_time.on:
         return build, (probe.val_accuracy, probe.val_log_loss)
     classifier, scores = as_saved(build(), data)
     return (lambda: classifier), scores
