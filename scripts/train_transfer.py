@@ -11,9 +11,10 @@ ones are still frozen, so by default their output is computed once for each
 image and a few augmented copies of it (fine_tune.cached_copies), and each
 epoch runs only the top of the base. The epoch with the best validation
 score is kept, and the linear probe replaces it when it scores better on
-validation (probe_candidate); the card says which won. With test_time on, the
+validation (probe_candidate), or the average of the two when it beats both or
+they tie (ensemble_candidate); the card says which won. With test_time on, the
 saved model averages its predictions over each photo's mirror image and/or
-shifted copies, and the two candidates are compared that way too. Curves go to
+shifted copies, and the candidates are compared that way too. Curves go to
 reports/transfer/ (DVCLive plots data, history.csv, training.png with the
 phase boundary) and the training summary to reports/transfer/train.json.
 The networks are built in imgcls/transfer.py, the phases run in
@@ -71,8 +72,8 @@ def main() -> None:
         **flops.transfer_flops(section, net.base, net.head, net.classifier, log, len(data.train_labels),
                                len(data.val_labels), saved=choice.classifier))
     run.state.finish()
-    print(f"train_transfer: saved models/{NAME}.keras, the {choice.winner.replace('_', '-')} model (val accuracy"
-          f" {choice.val_accuracy:.4f}; best epoch {best.best_epoch} of {best.epochs_seen});"
+    print(f"train_transfer: saved models/{NAME}.keras, the {transfer_training.CANDIDATE_LABELS[choice.winner]}"
+          f" (val accuracy {choice.val_accuracy:.4f}; best epoch {best.best_epoch} of {best.epochs_seen});"
           f" {metrics['train_seconds']:.0f} s")
 
 

@@ -62,6 +62,19 @@ def test_two_classes_and_a_class_without_training_images():
         fit_probe(features, labels, features, labels, num_classes=3)
 
 
+def test_the_average_is_saved_when_it_beats_both_or_they_tie_and_so_does_it():
+    from imgcls.transfer_training import pick_candidate
+
+    # (validation accuracy, log loss) of each candidate.
+    assert pick_candidate({"fine_tune": (0.9, 0.3), "probe": (0.9, 0.2), "ensemble": (0.9, 0.4)}) == "ensemble"
+    assert pick_candidate({"fine_tune": (0.8, 0.3), "probe": (0.85, 0.2), "ensemble": (0.9, 0.5)}) == "ensemble"
+    # Tied with the better model only: the average would pull it towards the worse one.
+    assert pick_candidate({"fine_tune": (0.8, 0.1), "probe": (0.9, 0.2), "ensemble": (0.9, 0.1)}) == "probe"
+    assert pick_candidate({"fine_tune": (0.9, 0.3), "probe": (0.9, 0.2), "ensemble": (0.8, 0.1)}) == "probe"
+    assert pick_candidate({"fine_tune": (0.9, 0.3), "probe": (0.9, 0.3)}) == "fine_tune"
+    assert pick_candidate({"head": (0.7, 0.3), "probe": (0.6, 0.1)}) == "head"
+
+
 def test_a_phase_stops_when_validation_stops_improving_and_cuts_its_rate_first(prepared):
     prepared.set_params(**{**HEAD_ONLY, "train_transfer.head.epochs": 200, "train_transfer.head.patience": 4,
                            "train_transfer.head.learning_rate": 0.05, "train_transfer.monitor": "val_loss"})
@@ -109,29 +122,52 @@ def test_the_linear_probe_alone_is_a_model_when_phase_two_is_off(prepared):
 
 
 def test_a_probe_that_beats_the_fine_tuned_model_ships_exports_and_serves(prepared):
-    # A rate far too high wrecks fine-tuning (loss finite, answers near chance): the probe must win.
-    # The probe is scored, saved, exported and served with the test-time mirror images (test_time.flip).
+    # A rate far too high wrecks fine-tuning (loss finite, answers near chance): the probe must win against it
+    # (their average, a candidate of its own, is left out here). The probe is scored, saved, exported and
+    # served with the test-time mirror images (test_time.flip).
     prepared.set_params(**{**TINY_TRANSFER, "train_transfer.fine_tune.learning_rate": 3.0,
                            "train_transfer.fine_tune.patience": 0, "export.model": "transfer",
-                           "train_transfer.test_time.flip": True})
+                           "train_transfer.test_time.flip": True, "train_transfer.ensemble_candidate": False})
     result = prepared.stage("train_transfer")
     card = json.loads((prepared.root / "models/transfer.json").read_text())
     assert card["winner"] == "probe", result.stdout
     probe, fine_tuned = card["candidates"]["probe"], card["candidates"]["fine_tune"]
     assert (probe["val_accuracy"], -probe["val_log_loss"]) > (fine_tuned["val_accuracy"], -fine_tuned["val_log_loss"])
-    assert "the linear probe beats the fine-tune model on validation" in result.stdout
+    assert "the model saved is the linear probe" in result.stdout
     assert "temperature" in card  # calibrated like any other model
     training = json.loads((prepared.root / "reports/transfer/train.json").read_text())
     assert training["winner"] == "probe" and training["training_flops_fine_tune"] > 0  # phase 2 still counted
+    saved_exported_and_served(prepared, card, probe["val_accuracy"])
 
-    # The saved file is the probe: its validation accuracy is the probe's.
+
+def test_the_average_of_the_fine_tuned_model_and_the_probe_ships_exports_and_serves(prepared):
+    # At a rate too small to move anything, the fine-tuned model is still the probe: the two tie on
+    # validation, and a tie goes to their average, scored, saved and exported with the mirror images.
+    prepared.set_params(**{**TINY_TRANSFER, "train_transfer.fine_tune.learning_rate": 1e-9,
+                           "train_transfer.schedule": "constant", "export.model": "transfer",
+                           "train_transfer.test_time.flip": True})
+    result = prepared.stage("train_transfer")
+    card = json.loads((prepared.root / "models/transfer.json").read_text())
+    assert card["winner"] == "ensemble", result.stdout
+    accuracies = {name: figures["val_accuracy"] for name, figures in card["candidates"].items()}
+    assert set(accuracies) == {"fine_tune", "probe", "ensemble"} and len(set(accuracies.values())) == 1
+    assert "the model saved is the average of the fine-tuned model and the linear probe" in result.stdout
+    # The frozen layers below the fine-tuned ones run once: one prediction of the average costs more than
+    # the fine-tuned model's and less than two; the mirror images double it.
+    training = json.loads((prepared.root / "reports/transfer/train.json").read_text())
+    assert 2 < training["evaluation_flops_per_image"] / training["forward_flops_per_image"] < 4
+    saved_exported_and_served(prepared, card, accuracies["ensemble"])
+
+
+def saved_exported_and_served(prepared, card: dict, val_accuracy: float) -> None:
+    """The saved model scores the winner's validation accuracy, exports to ONNX and serves a photo."""
     check = ("import sys; sys.path.insert(0, 'scripts')\n"
              "from imgcls.modelio import load_model\nfrom imgcls.dataset import load_split\n"
              "model, card = load_model('models/transfer.keras')\n"
              "pixels, labels, _ = load_split('val', card['image_size'])\n"
              "print((model.predict(pixels.astype('float32'), verbose=0).argmax(1) == labels).mean())\n")
     saved_accuracy = float(prepared.run(sys.executable, "-c", check).stdout.split()[-1])
-    assert saved_accuracy == pytest.approx(probe["val_accuracy"])
+    assert saved_accuracy == pytest.approx(val_accuracy)
 
     prepared.stage("export")
     metrics = json.loads((prepared.root / "reports/export/metrics.json").read_text())

@@ -13,7 +13,9 @@ def save_gallery(path, images, captions: list[str], title: str, empty_message: s
     """Draw `images` (uint8 arrays) four to a row, each under its caption, with `title` above them all."""
     columns = max(1, min(columns, len(captions)))
     rows = max(1, int(np.ceil(len(captions) / columns)))
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows), squeeze=False)
+    # With one or two photos (or none) the grid alone would be narrower than the title.
+    width = max(3.2 * columns, 0.11 * len(title))
+    figure, axes = plt.subplots(rows, columns, figsize=(width, 3.5 * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, image, caption in zip(axes.flat, images, captions):

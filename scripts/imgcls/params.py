@@ -123,6 +123,7 @@ class TrainTransferParams(Section):
     class_weight: Literal["none", "balanced"]
     monitor: Literal["val_accuracy", "val_loss"]
     probe_candidate: bool
+    ensemble_candidate: bool
     mixed_precision: Literal["auto", "none", "float16", "bfloat16"]
     head: TransferHeadParams
     fine_tune: TransferFineTuneParams

@@ -34,6 +34,7 @@ class Probe:
     c: float  # the inverse regularisation strength chosen on validation
     val_accuracy: float
     val_log_loss: float
+    val_probabilities: np.ndarray | None = None  # on the validation features it was chosen on
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         logits = features @ self.kernel + self.bias
@@ -83,9 +84,11 @@ def fit_probe(train_features: np.ndarray, train_labels: np.ndarray, val_features
         kernel, bias = _softmax_weights(model)
         kernel, bias = kernel / scale, bias - (mean / scale) @ kernel
         candidate = Probe(kernel.astype("float32"), bias.astype("float32"), c, 0.0, 0.0)
-        accuracy, loss = score(candidate.probabilities(val_features), val_labels)
+        probabilities = candidate.probabilities(val_features)
+        accuracy, loss = score(probabilities, val_labels)
         if best is None or better((accuracy, loss), (best.val_accuracy, best.val_log_loss)):
-            best = dataclasses.replace(candidate, val_accuracy=accuracy, val_log_loss=loss)
+            best = dataclasses.replace(candidate, val_accuracy=accuracy, val_log_loss=loss,
+                                       val_probabilities=probabilities)
     return best
 
 

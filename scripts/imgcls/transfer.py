@@ -235,7 +235,7 @@ def input_pipeline(name: str, image_size: int, input_size: int):
     return keras.Sequential(layers, name="base_input")
 
 
-def split_base(base, first: int):
+def split_base(base, first: int, top_name: str = ""):
     """(bottom, top) sub-models of the base, cut before layer `first`; they share the base's layers.
 
     bottom maps the base input to every tensor that crosses the cut (a residual
@@ -253,7 +253,7 @@ def split_base(base, first: int):
             if id(tensor) in produced_below and all(tensor is not seen for seen in crossing):
                 crossing.append(tensor)
     bottom = keras.Model(base.input, crossing, name=f"{base.name}_bottom")
-    top = keras.Model(crossing, base.output, name=f"{base.name}_top")
+    top = keras.Model(crossing, base.output, name=top_name or f"{base.name}_top")
     return bottom, top
 
 
@@ -282,7 +282,7 @@ def top_classifier(top, head):
     return keras.Model(inputs, head(keras.layers.GlobalAveragePooling2D()(features)), name="top_and_head")
 
 
-def build_head(feature_size: int, num_classes: int, dense_units: list[int], dropout: float):
+def build_head(feature_size: int, num_classes: int, dense_units: list[int], dropout: float, name: str = "head"):
     """The new head: dropout and optional hidden dense layers on the pooled features, then softmax."""
     layers = [keras.Input((feature_size,), name="features")]
     for number, units in enumerate(dense_units, start=1):
@@ -292,7 +292,7 @@ def build_head(feature_size: int, num_classes: int, dense_units: list[int], drop
     if dropout > 0:
         layers.append(keras.layers.Dropout(dropout, name="head_dropout"))
     layers.append(keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities"))
-    return keras.Sequential(layers, name="head")
+    return keras.Sequential(layers, name=name)
 
 
 def build_classifier(name: str, base, head, image_size: int, input_size: int):
@@ -340,6 +340,28 @@ def build_probe_classifier(section, probe, num_classes: int, image_size: int, in
     head = build_head(base.output_shape[-1], num_classes, [], 0.0)
     probe.set_into(head.get_layer("probabilities"))
     return build_classifier(section.base, base, head, image_size, input_size)
+
+
+def build_ensemble_classifier(section, probe, net: Networks):
+    """The fine-tuned classifier and the linear probe in one model that averages their probabilities.
+
+    The layers below the fine-tuned ones are frozen in both, so they run once;
+    above them run the fine-tuned top with its head, and the pretrained top (a
+    second copy of the base's ImageNet weights) with the probe's Dense layer.
+    """
+    pretrained = build_base(section.base, net.input_size, section.weights)
+    pretrained.trainable = False
+    probe_head = build_head(pretrained.output_shape[-1], probe.kernel.shape[1], [], 0.0, name="probe_head")
+    probe.set_into(probe_head.get_layer("probabilities"))
+    bottom, fine_tuned_top = split_base(net.base, net.first_trainable, "fine_tuned_top")
+    _, pretrained_top = split_base(pretrained, net.first_trainable, "pretrained_top")
+    inputs = keras.Input((net.image_size, net.image_size, 3), name="pixels")
+    crossing = bottom(input_pipeline(section.base, net.image_size, net.input_size)(inputs), training=False)
+    fine_tuned = net.head(keras.layers.GlobalAveragePooling2D(name="pool")(fine_tuned_top(crossing, training=False)))
+    pretrained_features = pretrained_top(crossing, training=False)
+    probed = probe_head(keras.layers.GlobalAveragePooling2D(name="probe_pool")(pretrained_features))
+    outputs = keras.layers.Average(dtype="float32", name="ensemble")([fine_tuned, probed])
+    return keras.Model(inputs, outputs, name=f"transfer_{section.base}_ensemble")
 
 
 def augmentation_is_off(augment) -> bool:

@@ -15,8 +15,9 @@ their output is computed once for each image and a few augmented copies of it
 the top of the base.
 Both phases share one TrainingLog and KeepBest: the epoch with the best
 validation score over both is kept. choose_model then saves the linear probe
-instead when it does better on validation (probe_candidate), each scored as it
-is saved: averaging over the test-time views of each photo (test_time).
+instead when it does better on validation (probe_candidate), or the average of
+the two (ensemble_candidate; pick_candidate says when), each scored as it is
+saved: averaging over the test-time views of each photo (test_time).
 """
 
 import dataclasses
@@ -33,7 +34,7 @@ from imgcls.features import augmented_copy, compute_features
 from imgcls.features import pooled_features as pooled_features_of
 from imgcls.optim import OptimizerSettings, build_optimizer, warmup_callbacks
 from imgcls.params import TrainTransferParams
-from imgcls.probe import Probe, better, fit_probe, score
+from imgcls.probe import Probe, fit_probe, score
 from imgcls.training import TrainingRun, compile_classifier, train_phase
 from imgcls.transfer import Networks
 
@@ -228,62 +229,92 @@ def fine_tune(net: Networks, data: Data, cache: Activations | None, log: Trainin
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """The model the stage ships, which candidate it is, and both candidates' validation figures."""
+    """The model the stage ships, which candidate it is, and every candidate's validation figures."""
 
     classifier: keras.Model
-    winner: str  # "fine_tune", "head" (phase 2 off) or "probe"
+    winner: str  # "fine_tune", "head" (phase 2 off), "probe" or "ensemble" (the fine-tuned model and the probe)
     val_accuracy: float
     candidates: dict  # candidate name -> {"val_accuracy", "val_log_loss"}
 
 
-def choose_model(net: Networks, data: Data, best: KeepBest, probe: Probe | None) -> Choice:
-    """The trained classifier, or the linear probe where it scores better on validation.
+CANDIDATE_LABELS = {"fine_tune": "fine-tuned model", "head": "trained head", "probe": "linear probe",
+                    "ensemble": "average of the fine-tuned model and the linear probe"}
 
-    Candidates are compared on validation accuracy, then log loss (probe.better):
-    the monitor that picked the best epoch (val_loss by default) includes label
-    smoothing, which the probe never saw. Each is scored as it would be saved:
-    with the test-time views of each photo (section.test_time), when on. A probe
-    that wins ships as the frozen base with one Dense softmax layer holding its
-    weights.
+
+def choose_model(net: Networks, data: Data, best: KeepBest, probe: Probe | None) -> Choice:
+    """The trained classifier, the linear probe or the average of the two: whichever does best on validation.
+
+    Candidates are compared on validation accuracy (pick_candidate), each scored
+    as it would be saved: with the test-time views of each photo (section.test_time),
+    when on. A probe that wins ships as the frozen base with one Dense softmax
+    layer holding its weights; the average (ensemble_candidate, with phase 2 on)
+    as one model in which the frozen layers below the fine-tuned ones run once.
+    Its validation probabilities are the mean of the other two's, views or not.
     """
     section = data.section
-    trained_name = "fine_tune" if net.fine_tune else "head"
     if best.best_epoch is None:  # no epoch ran at all: phase 1 was the probe and phase 2 is off
-        saved_probe, scores = probe_as_saved(lambda: net.classifier, data, probe)
+        saved_probe, probabilities = probe_as_saved(lambda: net.classifier, data, probe)
+        scores = score(probabilities, data.val_labels)
         return Choice(saved_probe(), "probe", scores[0], {"probe": figures(scores, probe)})
+    trained_name = "fine_tune" if net.fine_tune else "head"
     classifier, trained = as_saved(net.classifier, data)
-    candidates = {trained_name: figures(trained)}
-    if probe is None or not section.probe_candidate:
-        return Choice(classifier, trained_name, trained[0], candidates)
-    saved_probe, probe_scores = probe_as_saved(
-        lambda: transfer.build_probe_classifier(section, probe, data.num_classes, net.image_size, net.input_size),
-        data, probe)
-    candidates["probe"] = figures(probe_scores, probe)
-    if not better(probe_scores, trained):
-        print(f"train_transfer: the {trained_name.replace('_', '-')} model beats the linear probe on validation"
-              f" ({trained[0]:.4f} against {probe_scores[0]:.4f})")
-        return Choice(classifier, trained_name, trained[0], candidates)
-    print(f"train_transfer: the linear probe beats the {trained_name.replace('_', '-')} model on validation"
-          f" ({probe_scores[0]:.4f} against {trained[0]:.4f}, log loss {probe_scores[1]:.4f} against"
-          f" {trained[1]:.4f}): it is the model saved")
-    return Choice(saved_probe(), "probe", probe_scores[0], candidates)
+    builders, probabilities = {trained_name: lambda: classifier}, {trained_name: trained}
+    if probe is not None and section.probe_candidate:
+        builders["probe"], probabilities["probe"] = probe_as_saved(
+            lambda: transfer.build_probe_classifier(section, probe, data.num_classes, net.image_size, net.input_size),
+            data, probe)
+        if net.fine_tune and section.ensemble_candidate:
+            probabilities["ensemble"] = (trained + probabilities["probe"]) / 2
+            builders["ensemble"] = lambda: test_time_model(transfer.build_ensemble_classifier(section, probe, net),
+                                                           section.test_time)
+    scores = {name: score(values, data.val_labels) for name, values in probabilities.items()}
+    winner = pick_candidate(scores)
+    if len(scores) > 1:
+        listing = ", ".join(f"{CANDIDATE_LABELS[name]} {accuracy:.4f} ({loss:.4f})"
+                            for name, (accuracy, loss) in scores.items())
+        print(f"train_transfer: validation accuracy (log loss) of each candidate: {listing}; the model saved is the"
+              f" {CANDIDATE_LABELS[winner]}")
+    candidates = {name: figures(scores[name], probe if name == "probe" else None) for name in scores}
+    return Choice(builders[winner](), winner, scores[winner][0], candidates)
 
 
-def as_saved(classifier: keras.Model, data: Data) -> tuple[keras.Model, tuple]:
+def pick_candidate(scores: dict[str, tuple[float, float]]) -> str:
+    """The name of the candidate to save, from each one's (validation accuracy, log loss).
+
+    The average of the trained model and the probe ("ensemble") is saved when
+    it scores a higher accuracy than both, or when the two tie and it ties with
+    them: validation cannot tell them apart, and an average of two equally good
+    models does at least as well as either in expectation (its log loss is at
+    most the mean of theirs). An average with a model that validation already
+    finds worse is not saved on a tie: it would pull the better one towards it.
+    Otherwise the higher accuracy wins, then the lower log loss, then the
+    trained model. Log loss only breaks ties because the trained model's
+    includes its label smoothing, which the probe never saw.
+    """
+    members = {name: figures for name, figures in scores.items() if name != "ensemble"}
+    highest = max(accuracy for accuracy, _ in members.values())
+    if "ensemble" in scores:
+        ensemble, tied = scores["ensemble"][0], len({accuracy for accuracy, _ in members.values()}) == 1
+        if ensemble > highest or (tied and ensemble == highest):
+            return "ensemble"
+    return min((name for name, (accuracy, _) in members.items() if accuracy == highest),
+               key=lambda name: members[name][1])
+
+
+def as_saved(classifier: keras.Model, data: Data) -> tuple[keras.Model, np.ndarray]:
     """The classifier as it is saved (averaging over the test-time views of each photo, when section.test_time
-    asks for any) and its (accuracy, log loss) on validation."""
+    asks for any) and its probabilities on validation."""
     classifier = test_time_model(classifier, data.section.test_time)
-    probabilities = calibration.predict(classifier, data.run.batches(data.val_pixels, batch_size=64))
-    return classifier, score(probabilities, data.val_labels)
+    return classifier, calibration.predict(classifier, data.run.batches(data.val_pixels, batch_size=64))
 
 
 def probe_as_saved(build, data: Data, probe: Probe) -> tuple:
-    """(a function returning the probe classifier as saved, its validation scores). Without test-time views
-    the probe's own figures, from the features, are the classifier's, and `build` runs only if it is saved."""
+    """(a function returning the probe classifier as saved, its validation probabilities). Without test-time
+    views they are the probe's own, from the features, and `build` runs only if it is saved."""
     if not data.section.test_time.on:
-        return build, (probe.val_accuracy, probe.val_log_loss)
-    classifier, scores = as_saved(build(), data)
-    return (lambda: classifier), scores
+        return build, probe.val_probabilities
+    classifier, probabilities = as_saved(build(), data)
+    return (lambda: classifier), probabilities
 
 
 def figures(scores: tuple, probe: Probe | None = None) -> dict:
