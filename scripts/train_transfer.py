@@ -11,8 +11,8 @@ ones are still frozen, so by default their output is computed once for each
 image and a few augmented copies of it (fine_tune.cached_copies), and each
 epoch runs only the top of the base. The epoch with the best validation
 score is kept, and the linear probe replaces it when it scores better on
-validation (probe_candidate), or the average of the two when it beats both or
-they tie (ensemble_candidate); the card says which won. With test_time on, the
+validation (probe_candidate), or the average of the two when it beats both, or
+ties them when they tie (ensemble_candidate); the card says which won. With test_time on, the
 saved model averages its predictions over each photo's mirror image and/or
 shifted copies, and the candidates are compared that way too. Curves go to
 reports/transfer/ (DVCLive plots data, history.csv, training.png with the

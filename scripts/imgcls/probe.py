@@ -3,8 +3,9 @@
 It is the simplest strong baseline of transfer learning, and train_transfer
 uses it twice: as the head that fine-tuning starts from (head.solver: lbfgs,
 "LP-FT": Kumar et al., 2022, "Fine-Tuning can Distort Pretrained Features"),
-and as a candidate model that ships whenever it beats the fine-tuned one on
-validation (probe_candidate), so the stage is never worse than it.
+and as a candidate model that ships when it beats the fine-tuned one on
+validation (probe_candidate), alone or averaged with it (ensemble_candidate),
+so the stage is never worse than it.
 
 scikit-learn fits it with L-BFGS on centred features divided by their overall
 spread (one scale for all of them), for each inverse

@@ -319,6 +319,7 @@ class Networks:
     first_trainable: int  # the first base layer phase 2 trains (len(base.layers) without phase 2)
     image_size: int  # the side of the stored images the classifier takes
     input_size: int  # the side of the images the base takes
+    pretrained_weights: list  # the base's weights before phase 2 changed any: what the probe was fitted on
 
 
 def build_networks(section, num_classes: int, image_size: int, input_size: int) -> Networks:
@@ -329,17 +330,25 @@ def build_networks(section, num_classes: int, image_size: int, input_size: int) 
     classifier = build_classifier(section.base, base, head, image_size, input_size)
     fine_tune = section.fine_tune.epochs > 0
     first = first_trainable_layer(base, section.fine_tune.unfreeze) if fine_tune else len(base.layers)
-    return Networks(base, head, classifier, fine_tune, first, image_size, input_size)
+    return Networks(base, head, classifier, fine_tune, first, image_size, input_size, base.get_weights())
 
 
-def build_probe_classifier(section, probe, num_classes: int, image_size: int, input_size: int):
-    """The linear probe as a saved classifier: the frozen base (its own pretrained weights) and one Dense
-    softmax layer holding the probe's weights, so calibration, export and serving treat it like any model."""
-    base = build_base(section.base, input_size, section.weights)
+def pretrained_base(section, net: Networks):
+    """A frozen copy of the base as it was before phase 2: the one the probe's features came from (with
+    weights: none too, whose every build draws new random weights)."""
+    base = build_base(section.base, net.input_size, "none")
+    base.set_weights(net.pretrained_weights)
     base.trainable = False
-    head = build_head(base.output_shape[-1], num_classes, [], 0.0)
+    return base
+
+
+def build_probe_classifier(section, probe, net: Networks):
+    """The linear probe as a saved classifier: the frozen pretrained base and one Dense softmax layer
+    holding the probe's weights, so calibration, export and serving treat it like any model."""
+    base = pretrained_base(section, net)
+    head = build_head(base.output_shape[-1], probe.kernel.shape[1], [], 0.0)
     probe.set_into(head.get_layer("probabilities"))
-    return build_classifier(section.base, base, head, image_size, input_size)
+    return build_classifier(section.base, base, head, net.image_size, net.input_size)
 
 
 def build_ensemble_classifier(section, probe, net: Networks):
@@ -347,10 +356,10 @@ def build_ensemble_classifier(section, probe, net: Networks):
 
     The layers below the fine-tuned ones are frozen in both, so they run once;
     above them run the fine-tuned top with its head, and the pretrained top (a
-    second copy of the base's ImageNet weights) with the probe's Dense layer.
+    second copy of the base as it was before phase 2) with the probe's Dense
+    layer. It needs a frozen bottom to share (net.first_trainable > 0).
     """
-    pretrained = build_base(section.base, net.input_size, section.weights)
-    pretrained.trainable = False
+    pretrained = pretrained_base(section, net)
     probe_head = build_head(pretrained.output_shape[-1], probe.kernel.shape[1], [], 0.0, name="probe_head")
     probe.set_into(probe_head.get_layer("probabilities"))
     bottom, fine_tuned_top = split_base(net.base, net.first_trainable, "fine_tuned_top")

@@ -1,5 +1,5 @@
 """Training a transfer model: its images, what is computed once from them, its two phases, and the choice
-between the trained model and the linear probe.
+between the trained model, the linear probe and their average.
 
 Phase 1 fits the head on the frozen base, whose pooled features of the
 un-augmented photos are computed once (imgcls/features.py): by default it is
@@ -261,9 +261,8 @@ def choose_model(net: Networks, data: Data, best: KeepBest, probe: Probe | None)
     builders, probabilities = {trained_name: lambda: classifier}, {trained_name: trained}
     if probe is not None and section.probe_candidate:
         builders["probe"], probabilities["probe"] = probe_as_saved(
-            lambda: transfer.build_probe_classifier(section, probe, data.num_classes, net.image_size, net.input_size),
-            data, probe)
-        if net.fine_tune and section.ensemble_candidate:
+            lambda: transfer.build_probe_classifier(section, probe, net), data, probe)
+        if net.fine_tune and section.ensemble_candidate and net.first_trainable > 0:
             probabilities["ensemble"] = (trained + probabilities["probe"]) / 2
             builders["ensemble"] = lambda: test_time_model(transfer.build_ensemble_classifier(section, probe, net),
                                                            section.test_time)
@@ -283,13 +282,12 @@ def pick_candidate(scores: dict[str, tuple[float, float]]) -> str:
 
     The average of the trained model and the probe ("ensemble") is saved when
     it scores a higher accuracy than both, or when the two tie and it ties with
-    them: validation cannot tell them apart, and an average of two equally good
-    models does at least as well as either in expectation (its log loss is at
-    most the mean of theirs). An average with a model that validation already
-    finds worse is not saved on a tie: it would pull the better one towards it.
-    Otherwise the higher accuracy wins, then the lower log loss, then the
-    trained model. Log loss only breaks ties because the trained model's
-    includes its label smoothing, which the probe never saw.
+    them: validation cannot tell the two apart then, and averaging hedges
+    between them (its log loss is at most the mean of theirs). An average with
+    a model that validation already finds worse is not saved on a tie: it would
+    pull the better one towards it. Otherwise the higher accuracy wins, then
+    the lower log loss (which favours the probe: the trained model's includes
+    its label smoothing), then the trained model.
     """
     members = {name: figures for name, figures in scores.items() if name != "ensemble"}
     highest = max(accuracy for accuracy, _ in members.values())
