@@ -12,9 +12,10 @@ image and a few augmented copies of it (fine_tune.cached_copies), and each
 epoch runs only the top of the base. The epoch with the best validation
 score is kept, and the linear probe replaces it when it scores better on
 validation (probe_candidate), or the average of the two when it beats both, or
-ties them when they tie (ensemble_candidate); the card says which won. With test_time on, the
-saved model averages its predictions over each photo's mirror image and/or
-shifted copies, and the candidates are compared that way too. Curves go to
+ties them when they tie (ensemble_candidate); the card says which won. With
+test_time on, the saved model averages its predictions over each photo's
+mirror image and/or shifted copies, and the candidates are compared that way
+too. Curves go to
 reports/transfer/ (DVCLive plots data, history.csv, training.png with the
 phase boundary) and the training summary to reports/transfer/train.json.
 The networks are built in imgcls/transfer.py, the phases run in

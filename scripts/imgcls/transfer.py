@@ -342,12 +342,18 @@ def pretrained_base(section, net: Networks):
     return base
 
 
-def build_probe_classifier(section, probe, net: Networks):
-    """The linear probe as a saved classifier: the frozen pretrained base and one Dense softmax layer
-    holding the probe's weights, so calibration, export and serving treat it like any model."""
-    base = pretrained_base(section, net)
-    head = build_head(base.output_shape[-1], probe.kernel.shape[1], [], 0.0)
+def build_probe_head(probe, feature_size: int, name: str = "head"):
+    """The linear probe as a head: one Dense softmax layer holding its weights (no dropout)."""
+    head = build_head(feature_size, probe.kernel.shape[1], [], 0.0, name=name)
     probe.set_into(head.get_layer("probabilities"))
+    return head
+
+
+def build_probe_classifier(section, probe, net: Networks):
+    """The linear probe as a saved classifier: the frozen pretrained base and the probe's head, so
+    calibration, export and serving treat it like any model."""
+    base = pretrained_base(section, net)
+    head = build_probe_head(probe, base.output_shape[-1])
     return build_classifier(section.base, base, head, net.image_size, net.input_size)
 
 
@@ -360,8 +366,7 @@ def build_ensemble_classifier(section, probe, net: Networks):
     layer. It needs a frozen bottom to share (net.first_trainable > 0).
     """
     pretrained = pretrained_base(section, net)
-    probe_head = build_head(pretrained.output_shape[-1], probe.kernel.shape[1], [], 0.0, name="probe_head")
-    probe.set_into(probe_head.get_layer("probabilities"))
+    probe_head = build_probe_head(probe, pretrained.output_shape[-1], name="probe_head")
     bottom, fine_tuned_top = split_base(net.base, net.first_trainable, "fine_tuned_top")
     _, pretrained_top = split_base(pretrained, net.first_trainable, "pretrained_top")
     inputs = keras.Input((net.image_size, net.image_size, 3), name="pixels")
