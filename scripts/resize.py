@@ -1,10 +1,11 @@
 """Stage `resize`: every image in data/raw as a square 8-bit RGB array.
 
 Writes data/resized/images_<size>.npy for each size in resize.image_size (N x size
-x size x 3 uint8, memory-mappable) and data/resized/index.csv (one row per
+x size x 3 uint8, memory-mappable), data/resized/index.csv (one row per
 image: id = row in each array, path,
 label, predefined split, original size and mode, sha256, duplicate group
-and kind, and whether `split` must leave the image out).
+and kind, and whether `split` must leave the image out) and
+data/resized/geometry.json (the max_stretch used, for the model cards).
 Unusable files are skipped and listed with their reason. Duplicates are found
 by bytes, by decoded pixels and, as near-duplicates, by a perceptual hash
 (imgcls/near_duplicates.py), so that `split` can keep each group together.
@@ -15,6 +16,7 @@ and, by resize.conflicting_labels, stops the stage, is left out of every split
 
 import contextlib
 import hashlib
+import json
 import multiprocessing
 import os
 import time
@@ -27,6 +29,7 @@ from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from imgcls.dataset import (
+    GEOMETRY_FILE,
     INDEX_FILE,
     RAW_DIR,
     REPORTS_DIR,
@@ -39,7 +42,7 @@ from imgcls.dataset import (
     write_json,
 )
 from imgcls.errors import UserError, run_stage
-from imgcls.images import BadImage, decode_image
+from imgcls.images import BadImage, decode_image, image_size, shared_aspect_ratio
 from imgcls.near_duplicates import hamming_distance, near_pairs, perceptual_hashes
 from imgcls.params import load_params
 
@@ -167,7 +170,27 @@ def _keep_rows(path: Path, rows: np.ndarray) -> None:
     os.replace(compact_file, path)
 
 
-def _decode_files(files: pd.DataFrame, outputs: dict[int, Path], params, workers: int) -> tuple[pd.DataFrame, float]:
+def _max_stretch(params, files: pd.DataFrame) -> float:
+    """resize.max_stretch, or for auto: the shape (long to short side) 90% of the photos share, else 1 (pad only).
+
+    Photos of one shape (one camera's 4:3) are all lengthened alike, so they fill the square and every object
+    keeps its proportions relative to the others; photos of many shapes (product shots) would each be
+    distorted differently, so they are only padded. Only aspect pad stretches. Recorded in
+    data/resized/geometry.json for the model cards.
+    """
+    if params.aspect != "pad":
+        return 1.0
+    if params.max_stretch != "auto":
+        return float(params.max_stretch)
+    max_stretch = shared_aspect_ratio(image_size(RAW_DIR / path, params.max_pixels) for path in files["path"])
+    print(f"resize: max_stretch auto: {max_stretch:.4g}" + (
+        " (at least 90% of the photos have this shape: they fill the square)" if max_stretch > 1
+        else " (no one shape other than square is shared by 90% of the photos: they are padded)"))
+    return max_stretch
+
+
+def _decode_files(files: pd.DataFrame, outputs: dict[int, Path], params, workers: int, max_stretch: float
+                  ) -> tuple[pd.DataFrame, float]:
     """Decode every file into its row of each output array, in parallel.
 
     Returns one row of details per file (DETAIL_COLUMNS; a reason when it is
@@ -175,7 +198,8 @@ def _decode_files(files: pd.DataFrame, outputs: dict[int, Path], params, workers
     """
     for size, path in outputs.items():
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3)).flush()
-    settings = {"aspect": params.aspect, "background": tuple(params.background), "max_pixels": params.max_pixels}
+    settings = {"aspect": params.aspect, "background": tuple(params.background), "max_pixels": params.max_pixels,
+                "max_stretch": max_stretch}
     tasks = [(position, RAW_DIR / path) for position, path in enumerate(files["path"])]
     details = [None] * len(files)
     started = time.perf_counter()
@@ -275,10 +299,12 @@ def main() -> None:
     params = load_params().resize
     files = _list_raw_files()
     workers = params.workers or len(os.sched_getaffinity(0))
+    max_stretch = _max_stretch(params, files)
     with contextlib.ExitStack() as stack:
         # One array per size, each written under a temporary name and moved into place only at the end.
         outputs = {size: stack.enter_context(atomic_path(images_file(size))) for size in params.sizes}
-        details, decode_seconds = _decode_files(files, outputs, params, workers)
+        stack.enter_context(atomic_path(GEOMETRY_FILE)).write_text(json.dumps({"max_stretch": max_stretch}) + "\n")
+        details, decode_seconds = _decode_files(files, outputs, params, workers, max_stretch)
         files[DETAIL_COLUMNS] = details
         usable, skipped = _leave_out_unusable(files, outputs, params.on_error)
         index = _index_images(usable, outputs[params.sizes[0]], params)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls.images import BadImage, decode_image
+from imgcls.images import BadImage, decode_image, shared_aspect_ratio
 
 
 def encode(image: Image.Image, format: str = "PNG", **options) -> bytes:
@@ -59,6 +59,27 @@ def test_pad_letterboxes_with_the_background_colour():
     decoded = decode_image(encode(Image.new("RGB", (90, 30), (0, 0, 0))), size=30, aspect="pad", background=(9, 8, 7))
     assert tuple(decoded.pixels[0, 15]) == (9, 8, 7)
     assert tuple(decoded.pixels[15, 15]) == (0, 0, 0)
+
+
+def test_max_stretch_fills_the_square_with_a_4_by_3_photo_and_pads_the_rest_of_a_longer_one():
+    def background_rows(width, height, max_stretch):
+        photo = encode(Image.new("RGB", (width, height), (0, 0, 0)))
+        pixels = decode_image(photo, size=48, aspect="pad", background=(255, 255, 255),
+                              max_stretch=max_stretch).pixels
+        return int((pixels[:, 24, 0] > 128).sum())
+
+    assert background_rows(64, 48, 1.0) == 12  # letterboxed: a quarter of the square is padding
+    assert background_rows(64, 48, 1.34) == 0  # 4:3 lengthened by 4/3 fills it
+    assert background_rows(90, 30, 1.34) == 48 - 21  # 3:1 lengthened by 1.34 at most (16 rows to 21), padded
+
+
+def test_shared_aspect_ratio_is_the_shape_nine_in_ten_photos_have():
+    assert shared_aspect_ratio([(4032, 3024)] * 9 + [(1920, 1080)]) == pytest.approx(4 / 3)
+    assert shared_aspect_ratio([(3024, 4032), (4032, 3024), (640, 480), (256, 192)]) == pytest.approx(4 / 3)
+    assert shared_aspect_ratio([(4032, 3024)] * 8 + [(1920, 1080)] * 2) == 1.0  # only 80% share one
+    assert shared_aspect_ratio([(32, 32)] * 10) == 1.0
+    assert shared_aspect_ratio([(0, 0)]) == 1.0  # unreadable files count for nothing
+    assert shared_aspect_ratio([(1, 1000)] * 10) == 10.0  # resize.max_stretch's own limit
 
 
 def test_pixel_hash_finds_re_encoded_duplicates():

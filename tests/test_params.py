@@ -37,6 +37,7 @@ def test_the_repository_params_are_valid():
         ({"resize.image_size": [160, 4]}, "resize.image_size = [160, 4]: must be a side in pixels from 8 to 1024"),
         ({"resize.image_size": []}, "resize.image_size = []: must be a side in pixels"),
         ({"resize.aspect": "squash"}, "resize.aspect = 'squash': Input should be 'pad', 'center_crop' or 'stretch'"),
+        ({"resize.max_stretch": 0.5}, "resize.max_stretch = 0.5: must be a number from 1 to 10, or auto"),
         ({"resize.background": [300, 0, 0]}, "background must be three integers in 0..255"),
         ({"split.test": 0}, "split.test = 0: Input should be greater than 0"),
         ({"resize.conflicting_labels": "merge"},

@@ -3,6 +3,8 @@
 import json
 import re
 
+from PIL import Image
+
 from conftest import TINY_CNN, TINY_TRANSFER
 
 
@@ -39,6 +41,12 @@ def test_repro_runs_once_then_nothing_and_a_split_param_reruns_only_split(projec
 def test_the_whole_pipeline_runs_end_to_end_then_does_nothing(project):
     # Two sizes of arrays: the CNN (input 24) reads the 24 px ones, the transfer model (input 32) the 32 px ones.
     project.set_params(**TINY_CNN, **TINY_TRANSFER, **{"resize.image_size": [32, 24]})
+    # Photos of one 4:3 shape: resize.max_stretch auto lengthens them to fill the square, and every stage
+    # after it, export included, decodes new photos the same way from the cards.
+    for photo in (project.root.parent / "source").rglob("*.png"):
+        with Image.open(photo) as square:
+            four_by_three = square.resize((40, 30))
+        four_by_three.save(photo)
     project.run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qam", "tiny models")
     first = project.dvc("repro")
     assert ran_stages(first.stdout) == [
@@ -51,6 +59,9 @@ def test_the_whole_pipeline_runs_end_to_end_then_does_nothing(project):
     assert len(predictions) == 1 + 3  # one held-out photo per class
     cards = {name: json.loads((project.root / f"models/{name}.json").read_text()) for name in ("cnn", "transfer")}
     assert (cards["cnn"]["image_size"], cards["transfer"]["image_size"]) == (24, 32)
+    assert cards["cnn"]["max_stretch"] == cards["transfer"]["max_stretch"] == 4 / 3
+    exported = json.loads(next((project.root / "models/export").glob("*.onnx")).with_suffix(".json").read_text())
+    assert exported["max_stretch"] == 4 / 3
     assert ran_stages(project.dvc("repro").stdout) == []
 
     # A later stage's param reruns that stage and what depends on its output, never the data stages.

@@ -1,6 +1,7 @@
 """The resize stage on generated data: packed output, skip reports, duplicates, clear failures."""
 
 import io
+import json
 import shutil
 
 import numpy as np
@@ -104,6 +105,45 @@ def test_a_list_of_sizes_writes_one_array_per_size_each_as_if_alone(project):
     assert "at 32 and 48 px" in result.stdout
     assert (project.root / "data/resized/images_32.npy").read_bytes() == alone
     assert np.load(project.root / "data/resized/images_48.npy").shape == (36, 48, 48, 3)
+
+
+def test_a_new_photo_is_decoded_for_a_model_as_resize_decoded_its_training_photos(project, monkeypatch):
+    # The card carries resize's geometry, max_stretch included, so predict_new and serve see what training saw.
+    from imgcls.params import ResizeParams
+    from imgcls.predict import decode_for_model
+    from imgcls.training import model_card
+
+    project.stage("data")
+    make_photo(3, width=160, height=120).save(project.root / "data/raw/class_0/wide.png")
+    project.set_params(**{"resize.max_stretch": 1.2})
+    project.stage("resize")
+    index = pd.read_csv(project.root / "data/resized/index.csv")
+    row = int(index.loc[index["path"].str.endswith("wide.png"), "id"].iloc[0])
+    monkeypatch.chdir(project.root)
+    card = model_card("cnn", ["class_0"], ResizeParams.model_validate(project.params()["resize"]), 32, 0.5)
+    assert card["max_stretch"] == 1.2
+    decoded = decode_for_model(project.root / "data/raw/class_0/wide.png", card)
+    assert np.array_equal(decoded, np.load(project.root / "data/resized/images_32.npy")[row])
+    assert (decoded[0, :, :] == 255).all() and not (decoded[4, :, :] == 255).all()  # 1.2 of 4:3: a thin letterbox
+
+
+def test_max_stretch_auto_fills_the_square_when_the_photos_share_a_shape_and_pads_them_when_not(project):
+    project.stage("data")
+    raw = project.root / "data/raw"
+    for number, old in enumerate(sorted(raw.glob("*/*.png"))):  # every photo 4:3, landscape or portrait
+        old.unlink()
+        make_photo(number, *((64, 48) if number % 2 else (48, 64))).save(old)
+    result = project.stage("resize")
+    assert "max_stretch auto: 1.333" in result.stdout
+    assert abs(json.loads((project.root / "data/resized/geometry.json").read_text())["max_stretch"] - 4 / 3) < 1e-9
+    assert not (np.load(project.root / "data/resized/images_32.npy") == 255).all(axis=(2, 3)).any()  # no letterbox
+
+    make_photo(99, 90, 30).save(raw / "class_0" / "panorama.png")
+    for number, old in enumerate(sorted(raw.glob("class_1/*.png"))):  # now a third of them square
+        make_photo(number, 48, 48).save(old)
+    result = project.stage("resize")
+    assert "max_stretch auto: 1 (no one shape" in result.stdout
+    assert json.loads((project.root / "data/resized/geometry.json").read_text()) == {"max_stretch": 1.0}
 
 
 def test_resize_uses_several_workers_and_gives_the_same_bytes(project):

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 RAW_DIR = Path("data/raw")
 RESIZED_DIR = Path("data/resized")
 INDEX_FILE = RESIZED_DIR / "index.csv"
+GEOMETRY_FILE = RESIZED_DIR / "geometry.json"  # what resize.max_stretch: auto chose, for the model cards
 SPLIT_DIR = Path("data/split")
 MANIFEST_FILE = SPLIT_DIR / "manifest.csv"
 CLASSES_FILE = SPLIT_DIR / "classes.txt"
@@ -117,6 +118,13 @@ def load_manifest() -> pd.DataFrame:
 
 def images_file(size: int) -> Path:
     return RESIZED_DIR / f"images_{size}.npy"
+
+
+def resized_max_stretch() -> float:
+    """The max_stretch the resized arrays were made with (resize's geometry.json; 1, padding only, before it)."""
+    if GEOMETRY_FILE.exists():
+        return float(json.loads(GEOMETRY_FILE.read_text())["max_stretch"])
+    return 1.0
 
 
 def load_images(size: int) -> np.ndarray:

@@ -49,9 +49,21 @@ def _to_8bit_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _fit_square(image: Image.Image, size: int, aspect: str, background: tuple[int, int, int]) -> Image.Image:
+def _fit_square(image: Image.Image, size: int, aspect: str, background: tuple[int, int, int],
+                max_stretch: float = 1.0) -> Image.Image:
     resample = Image.Resampling.BILINEAR
     if aspect == "pad":
+        if max_stretch > 1:
+            # Lengthen the short side by up to max_stretch (never past the long one) in the same resize that
+            # fits the photo in the square: a 4:3 photo then fills it instead of a quarter being letterbox.
+            width, height = image.size
+            scale = size / max(width, height)
+
+            def lengthened(side):
+                return min(size, max(1, round(side * scale * max_stretch)))
+
+            image = image.resize((size, lengthened(height)) if width >= height else (lengthened(width), size),
+                                 resample)
         return ImageOps.pad(image, (size, size), method=resample, color=background)
     if aspect == "center_crop":
         return ImageOps.fit(image, (size, size), method=resample)
@@ -60,14 +72,44 @@ def _fit_square(image: Image.Image, size: int, aspect: str, background: tuple[in
     raise ValueError(f"aspect must be one of {ASPECT_POLICIES}, got {aspect!r}")
 
 
+def shared_aspect_ratio(sizes, share: float = 0.9) -> float:
+    """The long-to-short side ratio (rounded to two decimals to group them) that at least `share` of the
+    (width, height) `sizes` have, or 1.0 when no one ratio is that common: photos from one camera share
+    one, product shots do not. At most 10, resize.max_stretch's own limit."""
+    ratios = np.array([max(width, height) / min(width, height) for width, height in sizes if min(width, height) > 0])
+    if len(ratios) == 0:
+        return 1.0
+    keys, counts = np.unique(np.round(ratios, 2), return_counts=True)
+    common = keys[counts.argmax()]
+    if counts.max() < share * len(ratios) or common == 1.0:
+        return 1.0
+    return float(min(ratios[np.round(ratios, 2) == common].max(), 10.0))
+
+
+def image_size(path, max_pixels: int = 89_478_485) -> tuple[int, int]:
+    """(width, height) from the file's header alone, or (0, 0) when it is not an image decode_image would take."""
+    Image.MAX_IMAGE_PIXELS = max_pixels  # as decode_image: a photo it refuses counts for nothing here either
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return 0, 0
+
+
 def decode_image(
     source,
     size: int,
     aspect: str = "pad",
     background: tuple[int, int, int] = (255, 255, 255),
     max_pixels: int = 89_478_485,
+    max_stretch: float = 1.0,
 ) -> Decoded:
-    """Open `source` (a path, bytes or a binary file object) and return it as a (size, size, 3) uint8 array."""
+    """Open `source` (a path, bytes or a binary file object) and return it as a (size, size, 3) uint8 array.
+
+    With aspect "pad", the short side is first lengthened by up to `max_stretch` (1: never) and the rest padded.
+    """
     if not isinstance(source, (bytes, bytearray)) and not hasattr(source, "read"):
         with open(source, "rb") as file:
             source = file.read()
@@ -103,5 +145,5 @@ def decode_image(
         raise BadImage(f"corrupt: {error}") from None
     pixel_hash = hashlib.blake2b(rgb.tobytes(), digest_size=16)
     pixel_hash.update(f"{rgb.size}".encode())
-    square = _fit_square(rgb, size, aspect, background)
+    square = _fit_square(rgb, size, aspect, background, max_stretch)
     return Decoded(np.asarray(square, dtype=np.uint8), width, height, mode, pixel_hash.hexdigest())

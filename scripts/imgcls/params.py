@@ -30,6 +30,8 @@ class ResizeParams(Section):
     # One size, or a list: one array per size, and each model reads the one that suits its input size.
     image_size: int | list[int]
     aspect: Literal["pad", "center_crop", "stretch"]
+    # With aspect pad: how far the short side may be lengthened, or auto (resize picks it from the photos' shapes).
+    max_stretch: float | str
     background: tuple[int, int, int]
     on_error: Literal["skip", "fail"]
     max_pixels: int = Field(ge=1)
@@ -45,6 +47,13 @@ class ResizeParams(Section):
                                 for side in sides):
             raise ValueError("must be a side in pixels from 8 to 1024, or a list of them (e.g. 160 or [160, 224])")
         return value
+
+    @field_validator("max_stretch", mode="plain")
+    @classmethod
+    def _factor_or_auto(cls, value):
+        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and 1 <= value <= 10):
+            return value
+        raise ValueError("must be a number from 1 to 10, or auto (the shape most photos share)")
 
     @model_validator(mode="after")
     def _background_is_rgb(self):

@@ -1,7 +1,7 @@
 """Classify new photos with a trained model: shared by predict_new, serve and export.
 
 A new photo goes through `decode_image` with the geometry written in the model
-card (size, aspect policy, background, pixel limit), so the model sees it
+card (size, aspect policy and stretch, background, pixel limit), so the model sees it
 exactly as it saw its training images. A prediction whose top probability is
 below `min_confidence` is reported as `unknown` rather than forced into a class:
 a photo of something outside the classes must not come out as confident gear.
@@ -123,6 +123,7 @@ def decode_for_model(source, card: dict) -> np.ndarray:
         aspect=card["aspect"],
         background=tuple(card["background"]),
         max_pixels=int(card["max_pixels"]),
+        max_stretch=float(card.get("max_stretch", 1.0)),  # cards from before the param padded only
     ).pixels
 
 

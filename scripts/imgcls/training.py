@@ -30,7 +30,8 @@ import numpy as np
 from imgcls import checkpoint, device, keras_internals, tuning
 from imgcls.batches import ImageBatches
 from imgcls.callbacks import KeepBest, StopOnNonFiniteLoss, TrainingLog
-from imgcls.dataset import CALIBRATION, CLASSES_FILE, MANIFEST_FILE, images_file, load_split, write_json
+from imgcls.dataset import (CALIBRATION, CLASSES_FILE, MANIFEST_FILE, images_file, load_split, resized_max_stretch,
+                            write_json)
 
 
 def seed_everything(seed: int) -> None:
@@ -252,6 +253,7 @@ def model_card(name: str, class_names: list[str], resize_section, image_size: in
         "class_names": list(class_names),
         "image_size": image_size,
         "aspect": resize_section.aspect,
+        "max_stretch": resized_max_stretch(),
         "background": list(resize_section.background),
         "max_pixels": resize_section.max_pixels,
         "val_accuracy": None if val_accuracy is None else float(val_accuracy),  # None: no validation split
