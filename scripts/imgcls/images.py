@@ -5,6 +5,7 @@ photos, so a photo is seen exactly the same way at training and at prediction.
 Every failure is a `BadImage` whose message says what is wrong with the file.
 """
 
+import contextlib
 import hashlib
 import io
 import warnings
@@ -79,21 +80,30 @@ def shared_aspect_ratio(sizes, share: float = 0.9) -> float:
     ratios = np.array([max(width, height) / min(width, height) for width, height in sizes if min(width, height) > 0])
     if len(ratios) == 0:
         return 1.0
-    keys, counts = np.unique(np.round(ratios, 2), return_counts=True)
+    rounded = np.round(ratios, 2)
+    keys, counts = np.unique(rounded, return_counts=True)
     common = keys[counts.argmax()]
     if counts.max() < share * len(ratios) or common == 1.0:
         return 1.0
-    return float(min(ratios[np.round(ratios, 2) == common].max(), 10.0))
+    return float(min(ratios[rounded == common].max(), 10.0))
+
+
+@contextlib.contextmanager
+def _open_guarded(source, max_pixels: int):
+    """Image.open with Pillow's decompression-bomb guard at `max_pixels`, its warning made an error too."""
+    # The guard reads this module-level limit; it warns above it and raises above twice it.
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(source) as image:
+            yield image
 
 
 def image_size(path, max_pixels: int = 89_478_485) -> tuple[int, int]:
     """(width, height) from the file's header alone, or (0, 0) when it is not an image decode_image would take."""
-    Image.MAX_IMAGE_PIXELS = max_pixels  # as decode_image: a photo it refuses counts for nothing here either
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                return image.size
+        with _open_guarded(path, max_pixels) as image:
+            return image.size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         return 0, 0
 
@@ -117,21 +127,16 @@ def decode_image(
         if len(source) == 0:
             raise BadImage("empty file (0 bytes)")
         source = io.BytesIO(source)
-    # Pillow's decompression-bomb guard reads this module-level limit; it warns above it
-    # and raises above twice it. We turn the warning into an error so both are refused.
-    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                width, height = image.size
-                mode = image.mode
-                # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT
-                # coefficients, never smaller than asked: most of resize's speed comes from here.
-                image.draft(None, (size, size))
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                rgb = _to_8bit_rgb(image, background)
+        with _open_guarded(source, max_pixels) as image:
+            width, height = image.size
+            mode = image.mode
+            # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT
+            # coefficients, never smaller than asked: most of resize's speed comes from here.
+            image.draft(None, (size, size))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_8bit_rgb(image, background)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(
             f"too large: over the pixel limit of {max_pixels:,} (decompression-bomb guard);"

@@ -20,6 +20,13 @@ from imgcls.tune_params import TuneParams, check_space
 PARAMS_FILE = Path("params.yaml")
 
 
+def number_or_auto(value, low: float, high: float, auto_means: str):
+    """A param that is a number from `low` to `high` or the word auto; a clear error otherwise."""
+    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high):
+        return value
+    raise ValueError(f"must be a number from {low} to {high}, or auto ({auto_means})")
+
+
 class DataParams(Section):
     source: str = Field(min_length=1)
     limit_per_class: int = Field(ge=0)
@@ -51,9 +58,7 @@ class ResizeParams(Section):
     @field_validator("max_stretch", mode="plain")
     @classmethod
     def _factor_or_auto(cls, value):
-        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and 1 <= value <= 10):
-            return value
-        raise ValueError("must be a number from 1 to 10, or auto (the shape most photos share)")
+        return number_or_auto(value, 1, 10, "the shape most photos share")
 
     @model_validator(mode="after")
     def _background_is_rgb(self):
@@ -172,9 +177,7 @@ class PredictNewParams(Section):
     @field_validator("min_confidence", mode="plain")
     @classmethod
     def _number_or_auto(cls, value):
-        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
-            return value
-        raise ValueError("must be a number from 0 to 1, or auto (the threshold in the model card)")
+        return number_or_auto(value, 0, 1, "the threshold in the model card")
 
 
 class AuditParams(Section):
