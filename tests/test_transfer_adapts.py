@@ -77,7 +77,8 @@ def test_the_average_is_saved_when_it_beats_both_or_they_tie_and_so_does_it():
 
 def test_a_phase_stops_when_validation_stops_improving_and_cuts_its_rate_first(prepared):
     prepared.set_params(**{**HEAD_ONLY, "train_transfer.head.epochs": 200, "train_transfer.head.patience": 4,
-                           "train_transfer.head.learning_rate": 0.05, "train_transfer.monitor": "val_loss"})
+                           "train_transfer.head.learning_rate": 0.05, "train_transfer.monitor": "val_loss",
+                           "train_transfer.min_improvement": 0.0})
     result = prepared.stage("train_transfer")
     history = pd.read_csv(prepared.root / "reports/transfer/history.csv")
     training = json.loads((prepared.root / "reports/transfer/train.json").read_text())
@@ -91,6 +92,37 @@ def test_a_phase_stops_when_validation_stops_improving_and_cuts_its_rate_first(p
     assert len(history) == improved_at + 4 and training["best_epoch"] >= improved_at
     rates = history["learning_rate"].to_numpy()
     assert rates[0] == pytest.approx(0.05) and rates[-1] == pytest.approx(0.05 * 0.3, rel=1e-4)
+
+
+def test_the_early_stop_counts_only_a_fall_of_a_share_of_the_loss_and_a_checkpoint_keeps_its_count(tmp_path):
+    import keras
+
+    from imgcls import keras_internals
+    from imgcls.callbacks import KeepBest, TrainingLog
+    from imgcls.training import phase_callbacks
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    # A fall of 0.1, then a loss that creeps down by 0.002 an epoch (more than 0.001, less than 1% of 0.9).
+    losses = [1.0, 0.9] + [0.9 - 0.002 * step for step in range(1, 11)]
+
+    def stopped_at(share: float):
+        _, _, counting = phase_callbacks(model, TrainingLog(tmp_path), KeepBest("val_loss"), patience=4,
+                                         plateau=True, min_improvement=share)
+        stopping = counting["early_stopping"]
+        stopping.set_model(model)
+        model.stop_training = False
+        stopping.on_train_begin()
+        for epoch, loss in enumerate(losses):
+            stopping.on_epoch_end(epoch, {"val_loss": loss})
+            if model.stop_training:
+                return epoch + 1, keras_internals.counts(stopping)
+        return None, keras_internals.counts(stopping)
+
+    # At 1% the creeping epochs are no progress: it stops 4 epochs after epoch 2, and its count (what a
+    # checkpoint of a killed run saves) says so. Counting any fall of 0.001, it would go on.
+    assert stopped_at(0.01) == (6, {"wait": 4, "best": pytest.approx(0.9), "best_epoch": 1})
+    assert stopped_at(0.0)[0] is None
 
 
 def test_fine_tuning_warms_its_rate_up_over_its_first_epochs(prepared):

@@ -65,9 +65,29 @@ def allow_jit(layer) -> None:
     layer.supports_jit = True
 
 
+class RelativeEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping that counts a new score as progress only when it beats the best by `share` of the best
+    (and by min_delta at least): a loss near 0.55 must fall by 0.00275 at share 0.005."""
+
+    def __init__(self, share: float, **options):
+        super().__init__(**options)
+        self.share = share
+
+    def _is_improvement(self, monitor_value, reference_value):
+        # EarlyStopping compares every epoch through this undocumented method, with a fixed min_delta;
+        # overriding it is the only way to make the margin follow the score.
+        if reference_value is None:
+            return True
+        margin = max(abs(self.min_delta), self.share * abs(float(reference_value)))
+        if self.monitor_op == keras.ops.less:
+            return bool(monitor_value + margin < reference_value)
+        return bool(monitor_value - margin > reference_value)
+
+
 # The counts EarlyStopping and ReduceLROnPlateau keep between epochs. Neither exposes public state to
 # save; these undocumented attributes are their whole count.
 COUNTS = {keras.callbacks.EarlyStopping: ("wait", "best", "best_epoch"),
+          RelativeEarlyStopping: ("wait", "best", "best_epoch"),
           keras.callbacks.ReduceLROnPlateau: ("wait", "best", "cooldown_counter")}
 
 

@@ -170,7 +170,7 @@ MIN_IMPROVEMENT = 0.001
 
 
 def phase_callbacks(model: keras.Model, log: TrainingLog, best: KeepBest, patience: int = 0,
-                    plateau: bool = False) -> tuple:
+                    plateau: bool = False, min_improvement: float = 0.0) -> tuple:
     """The callbacks every phase trains with: (list, its SwapEMAWeights or None, its counting callbacks).
 
     The counting callbacks (a dict: "early_stopping" when patience > 0, and
@@ -192,19 +192,23 @@ def phase_callbacks(model: keras.Model, log: TrainingLog, best: KeepBest, patien
             monitor=best.monitor, mode=best.mode, factor=PLATEAU_FACTOR, patience=max(1, patience // 2) if patience
             else 2, min_delta=MIN_IMPROVEMENT, verbose=0)
     if patience > 0:
-        counting["early_stopping"] = keras.callbacks.EarlyStopping(monitor=best.monitor, mode=best.mode,
-                                                                   patience=patience, min_delta=MIN_IMPROVEMENT)
+        # min_improvement > 0: progress for the stop (not the plateau cut) is also a share of the best score.
+        stopping = dict(monitor=best.monitor, mode=best.mode, patience=patience, min_delta=MIN_IMPROVEMENT)
+        counting["early_stopping"] = (keras_internals.RelativeEarlyStopping(min_improvement, **stopping)
+                                      if min_improvement else keras.callbacks.EarlyStopping(**stopping))
     return callbacks + list(counting.values()), swap, counting
 
 
 def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epochs: int, log: TrainingLog,
                 best: KeepBest, patience: int = 0, state=None, phase: str = "train", verbose: int = 2,
-                plateau: bool = False, epochs_param: str | None = None, extra_callbacks: tuple = ()) -> float:
+                plateau: bool = False, epochs_param: str | None = None, extra_callbacks: tuple = (),
+                min_improvement: float = 0.0) -> float:
     """model.fit for one phase with the shared callbacks; returns the training seconds.
 
     patience > 0 stops the phase after that many epochs without a better
-    `best.monitor`; `plateau` cuts the learning rate (a constant one) on the
-    way (phase_callbacks). A phase with patience that runs all its `epochs`
+    `best.monitor` (better by `min_improvement` of the best, when above 0);
+    `plateau` cuts the learning rate (a constant one) on the way
+    (phase_callbacks). A phase with patience that runs all its `epochs`
     while still improving warns, naming `epochs_param`, the cap to raise.
     With a checkpoint.TrainingState, the phase resumes where a killed run of
     the same stage stopped, and saves its state after every epoch. Call
@@ -212,7 +216,7 @@ def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epoc
     must have reset the weights before an epoch's validation and KeepBest).
     """
     log.start_phase(phase)
-    callbacks, swap, counting = phase_callbacks(model, log, best, patience, plateau)
+    callbacks, swap, counting = phase_callbacks(model, log, best, patience, plateau, min_improvement)
     callbacks = [*extra_callbacks, *callbacks]
     first_epoch = 0
     if state is not None:

@@ -199,7 +199,7 @@ def train_head(net: Networks, data: Data, features: tuple | None, log: TrainingL
     compile_phase(model, section, section.head, len(train))
     seconds = train_phase(model, train, val, section.head.epochs, log, best, section.head.patience,
                           data.run.state, phase="head", plateau=section.schedule == "plateau",
-                          epochs_param="train_transfer.head.epochs")
+                          epochs_param="train_transfer.head.epochs", min_improvement=section.min_improvement)
     best.restore(model)  # the head (and so the classifier) now holds phase 1's best weights
     return {"head_seconds": round(seconds, 2)}
 
@@ -222,7 +222,8 @@ def fine_tune(net: Networks, data: Data, cache: Activations | None, log: Trainin
           + (", on cached activations" if cache is not None else ", on images"))
     seconds = train_phase(model, train, val, section.fine_tune.epochs, log, best, section.fine_tune.patience,
                           data.run.state, phase="fine-tune", plateau=section.schedule == "plateau",
-                          epochs_param="train_transfer.fine_tune.epochs", extra_callbacks=warmup)
+                          epochs_param="train_transfer.fine_tune.epochs", extra_callbacks=warmup,
+                          min_improvement=section.min_improvement)
     best.restore(model)
     return {"fine_tune_seconds": round(seconds, 2)}
 
