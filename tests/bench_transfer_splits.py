@@ -19,7 +19,8 @@ test photos moves by a photo or two with any change.
     python tests/bench_transfer_splits.py WORKROOT --recipes default,candidate --candidate fine_tune.augment.zoom=0
 
 Each split also reports the saved model's test accuracy when it averages its
-predictions over each photo and its mirror image (test-time flips).
+predictions over each photo and its mirror image (test-time flips), and keeps
+the run's history.csv in WORKROOT as <dataset>-split<seed>-<recipe>-history.csv.
 
 trashnet is ../shared/data/datasets/trashnet-256.tar.gz beside the repository
 (or --trashnet PATH); gear comes through the Keras cache (KERAS_HOME).
@@ -27,6 +28,7 @@ trashnet is ../shared/data/datasets/trashnet-256.tar.gz beside the repository
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -139,6 +141,10 @@ def recipes_on_splits(workdir: Path, recipes: dict, split_seeds: tuple[int, ...]
         for recipe, changes in recipes.items():
             figures = _train_and_test(workdir, changes)
             results[recipe].append({"split_seed": split_seed, **figures})
+            # Each run's curve, kept beside the work folder: where another early-stop threshold would
+            # have stopped can be read off it, since a stricter stop only truncates the same path.
+            shutil.copy(workdir / "reports/transfer/history.csv",
+                        workdir.parent / f"{name}-split{split_seed}-{recipe}-history.csv")
             print(f"({name}, split.seed {split_seed}, {recipe}: test {figures['test_accuracy']:.2%} of"
                   f" {figures['test_images']} ({figures['test_accuracy_flips']:.2%} with flips),"
                   f" val {figures['val_accuracy']:.2%}, best epoch"
