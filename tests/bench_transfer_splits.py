@@ -52,6 +52,7 @@ PREVIOUS = {
     "fine_tune.learning_rate": 0.00003,
     "fine_tune.patience": 3,
     "min_improvement": 0.0,
+    "accuracy_progress": False,
     "fine_tune.augment.rotation": 0.0,
     "fine_tune.augment.zoom": 0.0,
 }

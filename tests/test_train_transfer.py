@@ -216,6 +216,7 @@ def test_augmentation_afresh_every_epoch_trains_both_phases_on_images(prepared):
     ({"train_transfer.base": "Xception", "train_transfer.input_size": 32}, "too small for Xception"),
     ({"train_transfer.weights": "weights/absent.h5"}, "'weights/absent.h5': no such file"),
     ({"train_transfer.min_improvement": 1.5}, "train_transfer.min_improvement"),
+    ({"train_transfer.accuracy_progress": "sometimes"}, "train_transfer.accuracy_progress"),
 ])
 def test_bad_transfer_params_stop_the_stage_with_one_clear_message(prepared, changes, message):
     prepared.set_params(**{**TINY, "train_transfer.head.epochs": 1, **changes})

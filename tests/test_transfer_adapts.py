@@ -78,7 +78,7 @@ def test_the_average_is_saved_when_it_beats_both_or_they_tie_and_so_does_it():
 def test_a_phase_stops_when_validation_stops_improving_and_cuts_its_rate_first(prepared):
     prepared.set_params(**{**HEAD_ONLY, "train_transfer.head.epochs": 200, "train_transfer.head.patience": 4,
                            "train_transfer.head.learning_rate": 0.05, "train_transfer.monitor": "val_loss",
-                           "train_transfer.min_improvement": 0.0})
+                           "train_transfer.min_improvement": 0.0, "train_transfer.accuracy_progress": False})
     result = prepared.stage("train_transfer")
     history = pd.read_csv(prepared.root / "reports/transfer/history.csv")
     training = json.loads((prepared.root / "reports/transfer/train.json").read_text())
@@ -94,7 +94,8 @@ def test_a_phase_stops_when_validation_stops_improving_and_cuts_its_rate_first(p
     assert rates[0] == pytest.approx(0.05) and rates[-1] == pytest.approx(0.05 * 0.3, rel=1e-4)
 
 
-def test_the_early_stop_counts_only_a_fall_of_a_share_of_the_loss_and_a_checkpoint_keeps_its_count(tmp_path):
+def test_the_early_stop_counts_a_fall_of_a_share_of_the_loss_or_a_new_best_accuracy_and_a_checkpoint_keeps_its_count(
+        tmp_path):
     import keras
 
     from imgcls import keras_internals
@@ -103,26 +104,42 @@ def test_the_early_stop_counts_only_a_fall_of_a_share_of_the_loss_and_a_checkpoi
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    # A fall of 0.1, then a loss that creeps down by 0.002 an epoch (more than 0.001, less than 1% of 0.9).
-    losses = [1.0, 0.9] + [0.9 - 0.002 * step for step in range(1, 11)]
+    # A fall of 0.1, then a loss that creeps down by 0.0011 an epoch (more than 0.001; 1% of 0.9 only after
+    # 9 epochs), while validation gets one more photo right at epoch 5 and no more after it.
+    losses = [1.0, 0.9] + [0.9 - 0.0011 * step for step in range(1, 11)]
+    accuracies = [0.5, 0.8, 0.8, 0.8, 0.82] + [0.82] * 7
 
-    def stopped_at(share: float):
+    def stopping_callback(share: float, accuracy_progress: bool):
         _, _, counting = phase_callbacks(model, TrainingLog(tmp_path), KeepBest("val_loss"), patience=4,
-                                         plateau=True, min_improvement=share)
+                                         plateau=True, min_improvement=share, accuracy_progress=accuracy_progress)
         stopping = counting["early_stopping"]
         stopping.set_model(model)
-        model.stop_training = False
         stopping.on_train_begin()
-        for epoch, loss in enumerate(losses):
-            stopping.on_epoch_end(epoch, {"val_loss": loss})
+        return stopping
+
+    def stopped_at(share: float, accuracy_progress: bool = False, first_epoch: int = 0, stopping=None):
+        stopping = stopping or stopping_callback(share, accuracy_progress)
+        model.stop_training = False
+        for epoch in range(first_epoch, len(losses)):
+            stopping.on_epoch_end(epoch, {"val_loss": losses[epoch], "val_accuracy": accuracies[epoch]})
             if model.stop_training:
                 return epoch + 1, keras_internals.counts(stopping)
         return None, keras_internals.counts(stopping)
 
     # At 1% the creeping epochs are no progress: it stops 4 epochs after epoch 2, and its count (what a
     # checkpoint of a killed run saves) says so. Counting any fall of 0.001, it would go on.
-    assert stopped_at(0.01) == (6, {"wait": 4, "best": pytest.approx(0.9), "best_epoch": 1})
+    assert stopped_at(0.01) == (6, {"wait": 4, "best": pytest.approx(0.9), "best_epoch": 1, "best_accuracy": -1.0})
     assert stopped_at(0.0)[0] is None
+    # Counting a new best accuracy too, epoch 5 is progress: it stops 4 epochs after it instead.
+    assert stopped_at(0.01, accuracy_progress=True) == (
+        9, {"wait": 4, "best": pytest.approx(0.9), "best_epoch": 1, "best_accuracy": 0.82})
+    # A run killed after epoch 6 resumes with the count it saved, and stops where it would have.
+    killed = stopping_callback(0.01, accuracy_progress=True)
+    for epoch in range(6):
+        killed.on_epoch_end(epoch, {"val_loss": losses[epoch], "val_accuracy": accuracies[epoch]})
+    resumed = stopping_callback(0.01, accuracy_progress=True)  # fit resets the count...
+    keras_internals.restore_counts(resumed, keras_internals.counts(killed))  # ... and the checkpoint puts it back
+    assert stopped_at(0.01, first_epoch=6, stopping=resumed)[0] == 9
 
 
 def test_fine_tuning_warms_its_rate_up_over_its_first_epochs(prepared):

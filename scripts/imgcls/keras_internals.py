@@ -67,11 +67,26 @@ def allow_jit(layer) -> None:
 
 class RelativeEarlyStopping(keras.callbacks.EarlyStopping):
     """EarlyStopping that counts a new score as progress only when it beats the best by `share` of the best
-    (and by min_delta at least): a loss near 0.55 must fall by 0.00275 at share 0.005."""
+    (and by min_delta at least): a loss near 0.55 must fall by 0.0055 at share 0.01. With
+    `accuracy_progress`, a validation accuracy higher than any before is progress too, whatever the score."""
 
-    def __init__(self, share: float, **options):
+    def __init__(self, share: float, accuracy_progress: bool = False, **options):
         super().__init__(**options)
-        self.share = share
+        self.share, self.accuracy_progress = share, accuracy_progress
+        self.best_accuracy = -1.0  # below any accuracy: the first epoch's is progress
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.best_accuracy = -1.0
+
+    def on_epoch_end(self, epoch, logs=None):
+        accuracy = (logs or {}).get("val_accuracy")
+        if self.accuracy_progress and accuracy is not None and accuracy > self.best_accuracy:
+            self.best_accuracy = float(accuracy)
+            # EarlyStopping adds one to its count of epochs without progress before it compares the count
+            # with the patience; from -1 the count is 0 after this epoch, as after any progress.
+            self.wait = -1
+        super().on_epoch_end(epoch, logs)
 
     def _is_improvement(self, monitor_value, reference_value):
         # EarlyStopping compares every epoch through this undocumented method, with a fixed min_delta;
@@ -87,14 +102,14 @@ class RelativeEarlyStopping(keras.callbacks.EarlyStopping):
 # The counts EarlyStopping and ReduceLROnPlateau keep between epochs. Neither exposes public state to
 # save; these undocumented attributes are their whole count.
 COUNTS = {keras.callbacks.EarlyStopping: ("wait", "best", "best_epoch"),
-          RelativeEarlyStopping: ("wait", "best", "best_epoch"),
+          RelativeEarlyStopping: ("wait", "best", "best_epoch", "best_accuracy"),
           keras.callbacks.ReduceLROnPlateau: ("wait", "best", "cooldown_counter")}
 
 
 def counts(callback) -> dict:
     """What an EarlyStopping or ReduceLROnPlateau counts between epochs: epochs without improvement, the best value."""
     names = COUNTS[type(callback)]
-    return {name: (int if name != "best" else float)(getattr(callback, name)) for name in names}
+    return {name: (float if name in ("best", "best_accuracy") else int)(getattr(callback, name)) for name in names}
 
 
 def restore_counts(callback, state: dict) -> None:

@@ -137,6 +137,7 @@ class TrainTransferParams(Section):
     class_weight: Literal["none", "balanced"]
     monitor: Literal["val_accuracy", "val_loss"]
     min_improvement: float = Field(ge=0, lt=1)  # share of the best score an early stop's progress must reach
+    accuracy_progress: bool  # a higher validation accuracy than ever is progress for an early stop too
     probe_candidate: bool
     ensemble_candidate: bool
     mixed_precision: Literal["auto", "none", "float16", "bfloat16"]

@@ -170,7 +170,7 @@ MIN_IMPROVEMENT = 0.001
 
 
 def phase_callbacks(model: keras.Model, log: TrainingLog, best: KeepBest, patience: int = 0,
-                    plateau: bool = False, min_improvement: float = 0.0) -> tuple:
+                    plateau: bool = False, min_improvement: float = 0.0, accuracy_progress: bool = False) -> tuple:
     """The callbacks every phase trains with: (list, its SwapEMAWeights or None, its counting callbacks).
 
     The counting callbacks (a dict: "early_stopping" when patience > 0, and
@@ -192,21 +192,24 @@ def phase_callbacks(model: keras.Model, log: TrainingLog, best: KeepBest, patien
             monitor=best.monitor, mode=best.mode, factor=PLATEAU_FACTOR, patience=max(1, patience // 2) if patience
             else 2, min_delta=MIN_IMPROVEMENT, verbose=0)
     if patience > 0:
-        # min_improvement > 0: progress for the stop (not the plateau cut) is also a share of the best score.
+        # Progress for the stop (not the plateau cut): with min_improvement > 0, a better score by that share
+        # of the best; with accuracy_progress, also a validation accuracy higher than ever.
         stopping = dict(monitor=best.monitor, mode=best.mode, patience=patience, min_delta=MIN_IMPROVEMENT)
-        counting["early_stopping"] = (keras_internals.RelativeEarlyStopping(min_improvement, **stopping)
-                                      if min_improvement else keras.callbacks.EarlyStopping(**stopping))
+        counting["early_stopping"] = (
+            keras_internals.RelativeEarlyStopping(min_improvement, accuracy_progress, **stopping)
+            if min_improvement or accuracy_progress else keras.callbacks.EarlyStopping(**stopping))
     return callbacks + list(counting.values()), swap, counting
 
 
 def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epochs: int, log: TrainingLog,
                 best: KeepBest, patience: int = 0, state=None, phase: str = "train", verbose: int = 2,
                 plateau: bool = False, epochs_param: str | None = None, extra_callbacks: tuple = (),
-                min_improvement: float = 0.0) -> float:
+                min_improvement: float = 0.0, accuracy_progress: bool = False) -> float:
     """model.fit for one phase with the shared callbacks; returns the training seconds.
 
     patience > 0 stops the phase after that many epochs without a better
-    `best.monitor` (better by `min_improvement` of the best, when above 0);
+    `best.monitor` (better by `min_improvement` of the best, when above 0; with
+    `accuracy_progress`, a higher validation accuracy than ever also counts);
     `plateau` cuts the learning rate (a constant one) on the way
     (phase_callbacks). A phase with patience that runs all its `epochs`
     while still improving warns, naming `epochs_param`, the cap to raise.
@@ -216,7 +219,8 @@ def train_phase(model: keras.Model, train: ImageBatches, val: ImageBatches, epoc
     must have reset the weights before an epoch's validation and KeepBest).
     """
     log.start_phase(phase)
-    callbacks, swap, counting = phase_callbacks(model, log, best, patience, plateau, min_improvement)
+    callbacks, swap, counting = phase_callbacks(model, log, best, patience, plateau, min_improvement,
+                                                accuracy_progress)
     callbacks = [*extra_callbacks, *callbacks]
     first_epoch = 0
     if state is not None:

@@ -146,6 +146,11 @@ def timed(function, *arguments):
     return result, round(time.perf_counter() - clock, 2)
 
 
+def stop_rule(section: TrainTransferParams) -> dict:
+    """What counts as progress for each phase's early stop (train_phase's keywords)."""
+    return {"min_improvement": section.min_improvement, "accuracy_progress": section.accuracy_progress}
+
+
 def compile_phase(model, section: TrainTransferParams, phase, steps_per_epoch: int, warmup_epochs: int = 0) -> tuple:
     """Compile `model` for `phase` (section.head or section.fine_tune); returns the phase's warm-up callbacks."""
     settings = OptimizerSettings("adam", phase.learning_rate, section.schedule, warmup_epochs=warmup_epochs)
@@ -199,7 +204,7 @@ def train_head(net: Networks, data: Data, features: tuple | None, log: TrainingL
     compile_phase(model, section, section.head, len(train))
     seconds = train_phase(model, train, val, section.head.epochs, log, best, section.head.patience,
                           data.run.state, phase="head", plateau=section.schedule == "plateau",
-                          epochs_param="train_transfer.head.epochs", min_improvement=section.min_improvement)
+                          epochs_param="train_transfer.head.epochs", **stop_rule(section))
     best.restore(model)  # the head (and so the classifier) now holds phase 1's best weights
     return {"head_seconds": round(seconds, 2)}
 
@@ -223,7 +228,7 @@ def fine_tune(net: Networks, data: Data, cache: Activations | None, log: Trainin
     seconds = train_phase(model, train, val, section.fine_tune.epochs, log, best, section.fine_tune.patience,
                           data.run.state, phase="fine-tune", plateau=section.schedule == "plateau",
                           epochs_param="train_transfer.fine_tune.epochs", extra_callbacks=warmup,
-                          min_improvement=section.min_improvement)
+                          **stop_rule(section))
     best.restore(model)
     return {"fine_tune_seconds": round(seconds, 2)}
 
