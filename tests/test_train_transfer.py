@@ -217,6 +217,8 @@ def test_augmentation_afresh_every_epoch_trains_both_phases_on_images(prepared):
     ({"train_transfer.weights": "weights/absent.h5"}, "'weights/absent.h5': no such file"),
     ({"train_transfer.min_improvement": 1.5}, "train_transfer.min_improvement"),
     ({"train_transfer.accuracy_progress": "sometimes"}, "train_transfer.accuracy_progress"),
+    ({"train_transfer.fine_tune.beta_2": 1.0}, "train_transfer.fine_tune.beta_2"),
+    ({"train_transfer.fine_tune.clip_norm": -1}, "train_transfer.fine_tune.clip_norm"),
 ])
 def test_bad_transfer_params_stop_the_stage_with_one_clear_message(prepared, changes, message):
     prepared.set_params(**{**TINY, "train_transfer.head.epochs": 1, **changes})

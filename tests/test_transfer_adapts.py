@@ -152,6 +152,37 @@ def test_fine_tuning_warms_its_rate_up_over_its_first_epochs(prepared):
     assert rates == pytest.approx([0.0001, 0.0002, 0.0003, 0.0003], rel=1e-4)
 
 
+def test_a_gradient_spike_moves_the_weights_about_a_usual_step_with_a_short_memory_of_squared_gradients_or_a_clip():
+    # After many small gradients Adam's running mean of squared gradients is small, so with beta_2 0.999
+    # (a memory of ~1000 steps) one gradient 100 times larger moves the weights several usual steps; a
+    # memory of ~100 steps (0.99), or the gradient clipped first, keeps it near one.
+    import keras
+
+    from imgcls.optim import OptimizerSettings, build_optimizer
+    from imgcls.params import load_params
+    from imgcls.transfer_training import compile_phase
+
+    def spike_over_usual_step(**options) -> float:
+        weight = keras.Variable(np.zeros(1, "float32"))
+        optimizer = build_optimizer(OptimizerSettings("adam", 0.001, "constant"), 1, 1, **options)
+        for _ in range(500):
+            before = float(keras.ops.convert_to_numpy(weight)[0])
+            optimizer.apply([keras.ops.ones(1)], [weight])
+        usual = float(keras.ops.convert_to_numpy(weight)[0]) - before
+        optimizer.apply([keras.ops.ones(1) * 100], [weight])
+        return (float(keras.ops.convert_to_numpy(weight)[0]) - before - usual) / usual
+
+    assert spike_over_usual_step(beta_2=0.999) > 1.8
+    assert spike_over_usual_step(beta_2=0.99) < 1.2
+    assert spike_over_usual_step(beta_2=0.999, clip_norm=1.0) == pytest.approx(1.0, abs=0.05)
+    # The stage's fine-tuning phase is compiled with its section's settings.
+    section = load_params(REPO / "params.yaml").train_transfer
+    fine_tune = section.fine_tune.model_copy(update={"beta_2": 0.98, "clip_norm": 5.0})
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    compile_phase(model, section, fine_tune, steps_per_epoch=10)
+    assert model.optimizer.beta_2 == 0.98 and model.optimizer.global_clipnorm == 5.0
+
+
 def test_a_phase_that_reaches_its_cap_still_improving_warns_and_names_the_param(prepared):
     # A small rate: the validation loss still falls at every one of the 3 epochs.
     prepared.set_params(**{**HEAD_ONLY, "train_transfer.head.epochs": 3, "train_transfer.head.patience": 5,

@@ -171,7 +171,7 @@ class OptimizerSettings:
 
 
 def build_optimizer(settings, epochs: int, steps_per_epoch: int, rate_scales: dict[str, float] | None = None,
-                    ema=None) -> keras.optimizers.Optimizer:
+                    ema=None, beta_2: float = 0.999, clip_norm: float = 0.0) -> keras.optimizers.Optimizer:
     """An optimizer ("adam" or "sgd" with Nesterov momentum 0.9) with a learning-rate schedule.
 
     `settings` is an OptimizerSettings or train_cnn's optimizer section. See
@@ -184,20 +184,24 @@ def build_optimizer(settings, epochs: int, steps_per_epoch: int, rate_scales: di
     above 0 keeps Keras' moving average of the weights (use_ema), which
     train_phase validates and keeps; ema.every > 0 also resets the weights to
     it every that many steps; ema.ramp > 0 grows its momentum from 0 over
-    training (RampedAverage).
+    training (RampedAverage). beta_2 is Adam's decay of its running mean of
+    squared gradients (ignored by SGD); clip_norm > 0 rescales each step's
+    gradients to at most that global norm (Keras' global_clipnorm).
     """
     if settings.name not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be adam or sgd, got {settings.name!r}")
     rate = learning_rate_schedule(settings.learning_rate, settings.schedule, epochs, steps_per_epoch,
                                   settings.warmup_epochs, settings.schedule_start, settings.schedule_end)
     decay = settings.weight_decay or None
-    options = {"learning_rate": rate, "weight_decay": decay}
+    options = {"learning_rate": rate, "weight_decay": decay, "global_clipnorm": clip_norm or None}
     # With ema.batch_norm_statistics the average is a callback's (Lookahead), not the optimizer's.
     averaged = ema is not None and ema.momentum > 0 and not ema.batch_norm_statistics
     if averaged:
         options.update(use_ema=True, ema_momentum=ema.momentum, ema_overwrite_frequency=ema.every or None)
     if settings.name == "sgd":
         options.update(momentum=0.9, nesterov=True)
+    else:
+        options.update(beta_2=beta_2)
     # The plain Keras classes unless an option needs one of the mixins above.
     classes = {"adam": (keras.optimizers.Adam, ScaledRatesAdam, RampedAdam),
                "sgd": (keras.optimizers.SGD, ScaledRatesSGD, RampedSGD)}[settings.name]

@@ -117,6 +117,8 @@ class TransferFineTuneParams(Section):
     augment: AugmentParams
     cached_copies: int = Field(ge=0, le=50)  # 0: every epoch runs the whole base on freshly augmented images
     warmup_epochs: int = Field(ge=0, le=100)  # epochs at a rate rising to learning_rate (optim.warmup_callbacks)
+    beta_2: float = Field(gt=0, lt=1)  # Adam's decay of its running mean of squared gradients
+    clip_norm: float = Field(ge=0)  # gradients rescaled to at most this global norm; 0 leaves them
 
     @model_validator(mode="after")
     def _unfreeze_is_positive(self):

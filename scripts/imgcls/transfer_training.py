@@ -154,7 +154,10 @@ def stop_rule(section: TrainTransferParams) -> dict:
 def compile_phase(model, section: TrainTransferParams, phase, steps_per_epoch: int, warmup_epochs: int = 0) -> tuple:
     """Compile `model` for `phase` (section.head or section.fine_tune); returns the phase's warm-up callbacks."""
     settings = OptimizerSettings("adam", phase.learning_rate, section.schedule, warmup_epochs=warmup_epochs)
-    optimizer = build_optimizer(settings, phase.epochs, steps_per_epoch)
+    # Adam's memory of squared gradients and the clip are fine-tuning's params; a head trained by Adam
+    # (head.solver adam) keeps Keras' defaults.
+    adam = {"beta_2": phase.beta_2, "clip_norm": phase.clip_norm} if hasattr(phase, "beta_2") else {}
+    optimizer = build_optimizer(settings, phase.epochs, steps_per_epoch, **adam)
     compile_classifier(model, optimizer, section.label_smoothing)
     return warmup_callbacks(phase.learning_rate, section.schedule, warmup_epochs)
 
