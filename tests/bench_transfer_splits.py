@@ -53,6 +53,7 @@ PREVIOUS = {
     "fine_tune.patience": 3,
     "min_improvement": 0.0,
     "accuracy_progress": False,
+    "fine_tune.beta_2": 0.999,
     "fine_tune.augment.rotation": 0.0,
     "fine_tune.augment.zoom": 0.0,
 }
