@@ -33,7 +33,7 @@ from imgcls.callbacks import KeepBest, TrainingLog
 from imgcls.features import augmented_copy, compute_features
 from imgcls.features import pooled_features as pooled_features_of
 from imgcls.optim import OptimizerSettings, build_optimizer, warmup_callbacks
-from imgcls.params import TrainTransferParams
+from imgcls.params import TrainTransferParams, TransferFineTuneParams
 from imgcls.probe import Probe, fit_probe, score
 from imgcls.training import TrainingRun, compile_classifier, train_phase
 from imgcls.transfer import Networks
@@ -156,7 +156,8 @@ def compile_phase(model, section: TrainTransferParams, phase, steps_per_epoch: i
     settings = OptimizerSettings("adam", phase.learning_rate, section.schedule, warmup_epochs=warmup_epochs)
     # Adam's memory of squared gradients and the clip are fine-tuning's params; a head trained by Adam
     # (head.solver adam) keeps Keras' defaults.
-    adam = {"beta_2": phase.beta_2, "clip_norm": phase.clip_norm} if hasattr(phase, "beta_2") else {}
+    fine_tuning = isinstance(phase, TransferFineTuneParams)
+    adam = {"beta_2": phase.beta_2, "clip_norm": phase.clip_norm} if fine_tuning else {}
     optimizer = build_optimizer(settings, phase.epochs, steps_per_epoch, **adam)
     compile_classifier(model, optimizer, section.label_smoothing)
     return warmup_callbacks(phase.learning_rate, section.schedule, warmup_epochs)
