@@ -100,3 +100,21 @@ def test_a_stages_worker_processes_end_quietly_when_their_pool_is_closed(project
     result = project.stage("resize")
     assert "2 workers" in result.stdout
     assert "Traceback" not in result.stderr and "Terminated" not in result.stderr, result.stderr
+
+
+def test_resize_workers_die_at_once_when_their_pool_terminates_them(project):
+    # The stage's SIGTERM handler is Python-level, so it runs only between bytecodes. A forked worker
+    # that kept it and was waiting on the pool's task lock when the pool sent SIGTERM never ran it, and
+    # resize hung for good in the pool's join. The workers restore the default: the kernel kills them.
+    script = (
+        "import signal, sys\n"
+        "sys.path.insert(0, 'scripts')\n"
+        "import resize\n"
+        "from imgcls.errors import run_stage\n"
+        "def main():\n"
+        "    with resize.decoding_pool(2, {}, {}) as pool:\n"
+        "        print(pool.apply(signal.getsignal, (signal.SIGTERM,)) is signal.SIG_DFL)\n"
+        "run_stage(main)\n"
+    )
+    result = project.run(sys.executable, "-c", script)
+    assert result.stdout.strip() == "True", "a resize worker kept the stage's SIGTERM handler"

@@ -24,7 +24,8 @@ class Terminated(BaseException):
 
 def _raise_terminated(signal_number, frame):
     if os.getpid() != _stage_process:
-        # A forked worker (resize's decoding pool) inherits this handler; it ends quietly, as by default.
+        # A forked worker inherits this handler until it sets its own (resize's decoding pool restores
+        # the default); it ends quietly, as by default.
         os._exit(128 + signal.SIGTERM)
     raise Terminated
 
