@@ -1,6 +1,7 @@
 """train_transfer's defaults against the previous ones and the linear probe, on several datasets and splits.
 
-For each dataset (gear, trashnet, trashnet at 30 photos a class) and each
+For each dataset (gear, trashnet, trashnet at 30 photos a class; on request
+cifar10_100, CIFAR-10 at 100 photos a class in each of its train and test folders) and each
 `split.seed`, in one run on one machine, it trains train_transfer three ways
 in a copy of the project, and measures test accuracy on that split:
 
@@ -40,6 +41,8 @@ from benchmark import REPO, cpu_name, make_workdir, parse_overrides
 from benchmark import run as run_command
 
 TRASHNET = REPO.parent / "shared" / "data" / "datasets" / "trashnet-256.tar.gz"
+# CIFAR-10 as JPEG files with its train/ and test/ folders: 32 px photos, a kind no default was tuned on.
+CIFAR10 = REPO.parent / "shared" / "data" / "datasets" / "cifar10-jpeg.tar.gz"
 
 # train_transfer params of the previous release that differ from today's.
 PREVIOUS = {
@@ -65,7 +68,8 @@ def datasets(trashnet: Path) -> dict[str, dict]:
     """The data params of each dataset."""
     return {"gear": {"source": "gear", "limit_per_class": 0},
             "trashnet": {"source": str(trashnet), "limit_per_class": 0},
-            "trashnet30": {"source": str(trashnet), "limit_per_class": 30}}
+            "trashnet30": {"source": str(trashnet), "limit_per_class": 30},
+            "cifar10_100": {"source": str(CIFAR10), "limit_per_class": 100}}
 
 
 def _set(params: dict, section: str, changes: dict) -> None:
@@ -119,6 +123,8 @@ def compare(root: Path, split_seeds: tuple[int, ...], names: tuple[str, ...], tr
     """Every dataset × split seed × recipe; returns {dataset: {recipe: [figures per split seed]}}."""
     if {"trashnet", "trashnet30"} & set(names) and not trashnet.exists():
         raise SystemExit(f"{trashnet}: no such file (pass --trashnet PATH)")
+    if "cifar10_100" in names and not CIFAR10.exists():
+        raise SystemExit(f"{CIFAR10}: no such file")
     results = {}
     for name in names:
         workdir = make_workdir(root / name)
