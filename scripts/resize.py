@@ -18,9 +18,7 @@ import contextlib
 import hashlib
 import json
 import multiprocessing
-import multiprocessing.pool
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -57,10 +55,6 @@ _output = {}
 
 
 def _init_worker(settings: dict, outputs: dict[int, Path]) -> None:
-    # A forked worker inherits the stage's SIGTERM handler (imgcls.errors), a Python-level one, which
-    # runs only between bytecodes: a worker waiting on the pool's task lock when the pool terminates
-    # it would then never run it, and the stage would hang in the pool's join. The default kills at once.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _settings.update(settings)
     # Each worker writes its rows straight into the memory-mapped outputs: only a
     # few bytes of metadata per image travel back to the main process.
@@ -195,11 +189,6 @@ def _max_stretch(params, files: pd.DataFrame) -> float:
     return max_stretch
 
 
-def decoding_pool(workers: int, settings: dict, outputs: dict[int, Path]) -> multiprocessing.pool.Pool:
-    """The worker processes that decode files (_process) into the memory-mapped outputs."""
-    return multiprocessing.Pool(workers, initializer=_init_worker, initargs=(settings, outputs))
-
-
 def _decode_files(files: pd.DataFrame, outputs: dict[int, Path], params, workers: int, max_stretch: float
                   ) -> tuple[pd.DataFrame, float]:
     """Decode every file into its row of each output array, in parallel.
@@ -214,7 +203,7 @@ def _decode_files(files: pd.DataFrame, outputs: dict[int, Path], params, workers
     tasks = [(position, RAW_DIR / path) for position, path in enumerate(files["path"])]
     details = [None] * len(files)
     started = time.perf_counter()
-    with decoding_pool(workers, settings, outputs) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(settings, outputs)) as pool:
         results = pool.imap_unordered(_process, tasks, chunksize=16)
         for position, *detail in tqdm(results, total=len(tasks), desc="resize", unit="img", mininterval=2):
             details[position] = detail

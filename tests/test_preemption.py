@@ -102,19 +102,20 @@ def test_a_stages_worker_processes_end_quietly_when_their_pool_is_closed(project
     assert "Traceback" not in result.stderr and "Terminated" not in result.stderr, result.stderr
 
 
-def test_resize_workers_die_at_once_when_their_pool_terminates_them(project):
+
+def test_a_stages_forked_workers_get_sigterms_default_back(project):
     # The stage's SIGTERM handler is Python-level, so it runs only between bytecodes. A forked worker
-    # that kept it and was waiting on the pool's task lock when the pool sent SIGTERM never ran it, and
-    # resize hung for good in the pool's join. The workers restore the default: the kernel kills them.
+    # that kept it and was asleep on its pool's task lock when the pool sent SIGTERM never ran it, and
+    # resize hung for good in the pool's join. Forked children get the default: the kernel ends them.
+    # One task per worker, so the second worker is forked by the pool's own thread, not the main one.
     script = (
-        "import signal, sys\n"
+        "import multiprocessing, signal, sys\n"
         "sys.path.insert(0, 'scripts')\n"
-        "import resize\n"
         "from imgcls.errors import run_stage\n"
         "def main():\n"
-        "    with resize.decoding_pool(2, {}, {}) as pool:\n"
-        "        print(pool.apply(signal.getsignal, (signal.SIGTERM,)) is signal.SIG_DFL)\n"
+        "    with multiprocessing.get_context('fork').Pool(1, maxtasksperchild=1) as pool:\n"
+        "        print([pool.apply(signal.getsignal, (signal.SIGTERM,)) is signal.SIG_DFL for _ in range(2)])\n"
         "run_stage(main)\n"
     )
     result = project.run(sys.executable, "-c", script)
-    assert result.stdout.strip() == "True", "a resize worker kept the stage's SIGTERM handler"
+    assert result.stdout.strip() == "[True, True]", "a forked worker kept the stage's SIGTERM handler"

@@ -15,28 +15,27 @@ class UserError(ValueError):
     """Bad input, bad params or a missing upstream output: the message says how to fix it."""
 
 
-_stage_process = None  # the process that runs the stage (run_stage), not one of its workers
-
-
 class Terminated(BaseException):
     """SIGTERM arrived. A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it."""
 
 
 def _raise_terminated(signal_number, frame):
-    if os.getpid() != _stage_process:
-        # A forked worker inherits this handler until it sets its own (resize's decoding pool restores
-        # the default); it ends quietly, as by default.
-        os._exit(128 + signal.SIGTERM)
     raise Terminated
+
+
+def _default_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def run_stage(main) -> None:
     # Python's default for SIGTERM is to die at once, silently; raising instead lets the stage
     # say what happened. Outputs and checkpoints are written by atomic rename (dataset.atomic_path),
     # so wherever the exception lands, a file is either complete or absent.
-    global _stage_process
-    _stage_process = os.getpid()
     signal.signal(signal.SIGTERM, _raise_terminated)
+    # A forked child (resize's decoding pool) gets the default back. This handler is Python-level, so it
+    # runs only between bytecodes: a worker asleep on its pool's task lock when the pool terminates it
+    # would never run it, and the stage would hang in the pool's join. The default ends it at once.
+    os.register_at_fork(after_in_child=_default_sigterm)
     try:
         main()
     except UserError as error:
