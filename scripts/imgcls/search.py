@@ -89,11 +89,13 @@ def open_study(settings: TuneParams, url: str):
             storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS,
                                                  grace_period=GRACE_SECONDS)
             break
-        except sqlalchemy.exc.IntegrityError:
-            # Workers started together on an empty database race to create its tables: the losers retry.
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
+            # Workers started together on an empty database race to create its tables and types (a
+            # duplicate key, or PostgreSQL's 'type "studydirection" already exists'): the losers retry.
+            setup_error = error
             time.sleep(1 + attempt)
     else:
-        raise UserError(f"could not set up the study's tables in {safe_url(url)}: see the error above")
+        raise UserError(f"could not set up the study's tables in {safe_url(url)}: {setup_error.orig}")
     study = optuna.create_study(study_name=settings.study_name, storage=storage, load_if_exists=True,
                                 direction=settings.direction)
     if study.direction.name.lower() != settings.direction:
