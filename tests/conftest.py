@@ -38,7 +38,6 @@ TINY_TRANSFER = {
     "train_transfer.batch_size": 8,
     "train_transfer.head.epochs": 2,
     "train_transfer.fine_tune.epochs": 1,
-    "train_transfer.fine_tune.unfreeze": 10,
     "train_transfer.fine_tune.cached_copies": 1,
 }
 

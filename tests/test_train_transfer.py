@@ -10,6 +10,7 @@ import json
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -78,6 +79,18 @@ def test_missing_imagenet_weights_offline_names_file_url_and_cache(tmp_path, mon
     assert file_name in message
     assert "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/" + file_name in message
     assert str(tmp_path / "models" / file_name) in message
+
+
+@pytest.mark.parametrize("name", sorted(transfer.BASES))
+def test_unfreeze_auto_trains_each_bases_last_stage(name):
+    # auto is the default, so that changing train_transfer.base needs no other param: its layer must exist in
+    # every base, and leave most of the base frozen.
+    base = transfer.build_base(name, transfer.BASES[name].min_size, "none")
+    section = SimpleNamespace(base=name, fine_tune=SimpleNamespace(unfreeze="auto"))
+    assert transfer.unfreeze_of(section) == transfer.BASES[name].top_layer
+    trained = transfer.unfreeze_top(base, transfer.unfreeze_of(section))
+    assert 0 < trained < len(base.layers) / 2
+    assert base.layers[len(base.layers) - trained].name == transfer.BASES[name].top_layer
 
 
 def test_unfreeze_top_layers_or_from_a_named_layer_keeps_batch_norm_frozen():
@@ -150,7 +163,8 @@ def test_both_phases_train_and_save_a_self_contained_model(prepared):
     prepared.set_params(**TINY, **ADAM_HEAD, **{"train_transfer.test_time.flip": True})
     result = prepared.stage("train_transfer")
     assert "features of" in result.stdout and "computed once" in result.stdout
-    assert "fine-tuning 10 layers of MobileNetV2 (154 in all), on cached activations" in result.stdout
+    # fine_tune.unfreeze: auto, MobileNetV2's last stage: from block_12_expand, 47 layers.
+    assert "fine-tuning 47 layers of MobileNetV2 (154 in all), on cached activations" in result.stdout
     assert "activations below layer" in result.stdout and "(1 augmented copies each)" in result.stdout
     root = prepared.root
 
@@ -198,7 +212,7 @@ def test_augmentation_afresh_every_epoch_trains_both_phases_on_images(prepared):
     prepared.set_params(**{**TINY, **ADAM_HEAD, "train_transfer.head.epochs": 1, "train_transfer.probe_candidate": False,
                            "train_transfer.head.augment.flip": "horizontal", "train_transfer.fine_tune.cached_copies": 0})
     result = prepared.stage("train_transfer")
-    assert "computed once" not in result.stdout and "fine-tuning 10 layers of MobileNetV2 (" in result.stdout
+    assert "computed once" not in result.stdout and "fine-tuning 47 layers of MobileNetV2 (" in result.stdout
     assert "on images" in result.stdout
     history = pd.read_csv(prepared.root / "reports/transfer/history.csv")
     assert list(history["phase"]) == ["head", "fine-tune"]
@@ -219,6 +233,8 @@ def test_augmentation_afresh_every_epoch_trains_both_phases_on_images(prepared):
     ({"train_transfer.accuracy_progress": "sometimes"}, "train_transfer.accuracy_progress"),
     ({"train_transfer.fine_tune.beta_2": 1.0}, "train_transfer.fine_tune.beta_2"),
     ({"train_transfer.fine_tune.clip_norm": -1}, "train_transfer.fine_tune.clip_norm"),
+    ({"train_transfer.base": "EfficientNetB0", "train_transfer.fine_tune.unfreeze": "block_12_expand"},
+     "top layers, or auto (the base's last stage)"),
 ])
 def test_bad_transfer_params_stop_the_stage_with_one_clear_message(prepared, changes, message):
     prepared.set_params(**{**TINY, "train_transfer.head.epochs": 1, **changes})

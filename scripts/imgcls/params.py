@@ -112,7 +112,7 @@ class TransferFineTuneParams(Section):
 
     epochs: int = Field(ge=0, le=10000)
     learning_rate: float = Field(gt=0, le=10)
-    unfreeze: int | str  # top N layers of the base, or the name of the first layer to train
+    unfreeze: int | str  # top N layers of the base, the name of the first layer to train, or auto
     patience: int = Field(ge=0)
     augment: AugmentParams
     cached_copies: int = Field(ge=0, le=50)  # 0: every epoch runs the whole base on freshly augmented images
@@ -123,7 +123,7 @@ class TransferFineTuneParams(Section):
     @model_validator(mode="after")
     def _unfreeze_is_positive(self):
         if isinstance(self.unfreeze, int) and self.unfreeze < 1:
-            raise ValueError(f"unfreeze must be a number of layers >= 1 or a layer name, got {self.unfreeze}")
+            raise ValueError(f"unfreeze must be a number of layers >= 1, a layer name or auto, got {self.unfreeze}")
         return self
 
 

@@ -48,6 +48,7 @@ class Base:
     preprocess: str  # "tf": [-1, 1]; "caffe": BGR minus mean; "torch": RGB standardised; "none": inside the base
     default_size: int
     min_size: int
+    top_layer: str  # where its last stage begins: the first layer fine_tune.unfreeze: auto trains
     weights_file: str  # ImageNet no-top weights; "{size}" is filled in for MobileNetV2
     weights_url: str  # folder URL the file is downloaded from
     weights_hash: str | None = None
@@ -65,26 +66,26 @@ class Base:
 
 BASES = {
     "MobileNetV2": Base(
-        "MobileNetV2", "mobilenet_v2", "tf", 224, 32,
+        "MobileNetV2", "mobilenet_v2", "tf", 224, 32, "block_12_expand",
         "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5",
         KERAS_WEIGHTS_URL + "mobilenet_v2/"),
     "EfficientNetB0": Base(
-        "EfficientNetB0", "efficientnet", "none", 224, 32,
+        "EfficientNetB0", "efficientnet", "none", 224, 32, "block6a_expand_conv",
         "efficientnetb0_notop.h5", EFFICIENTNET_WEIGHTS_URL, "50bc09e76180e00e4465e1a485ddc09d"),
     "ResNet50": Base(
-        "ResNet50", "resnet", "caffe", 224, 32,
+        "ResNet50", "resnet", "caffe", 224, 32, "conv5_block1_1_conv",
         "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", KERAS_WEIGHTS_URL + "resnet/",
         "4d473c1dd8becc155b73f8504c6f6626"),
     "Xception": Base(
-        "Xception", "xception", "tf", 299, 71,
+        "Xception", "xception", "tf", 299, 71, "block13_sepconv1_act",
         "xception_weights_tf_dim_ordering_tf_kernels_notop.h5", KERAS_WEIGHTS_URL + "xception/",
         "b0042744bf5b25fce3cb969f33bebb97"),
     "InceptionV3": Base(
-        "InceptionV3", "inception_v3", "tf", 299, 75,
+        "InceptionV3", "inception_v3", "tf", 299, 75, "mixed8",
         "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", KERAS_WEIGHTS_URL + "inception_v3/",
         "bcbd6486424b2319ff4ef7d526e38f63"),
     "DenseNet121": Base(
-        "DenseNet121", "densenet", "torch", 224, 32,
+        "DenseNet121", "densenet", "torch", 224, 32, "conv5_block1_0_bn",
         "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5", KERAS_WEIGHTS_URL + "densenet/",
         "30ee3e1110167f948a6b9946edeeb738"),
 }
@@ -329,7 +330,7 @@ def build_networks(section, num_classes: int, image_size: int, input_size: int) 
     head = build_head(base.output_shape[-1], num_classes, section.dense_units, section.dropout)
     classifier = build_classifier(section.base, base, head, image_size, input_size)
     fine_tune = section.fine_tune.epochs > 0
-    first = first_trainable_layer(base, section.fine_tune.unfreeze) if fine_tune else len(base.layers)
+    first = first_trainable_layer(base, unfreeze_of(section)) if fine_tune else len(base.layers)
     return Networks(base, head, classifier, fine_tune, first, image_size, input_size, base.get_weights())
 
 
@@ -390,6 +391,13 @@ def with_augmentation(classifier, augment, seed: int, image_size: int):
     return keras.Model(inputs, classifier(augmentation(augment, seed)(inputs)), name="augmented_" + classifier.name)
 
 
+def unfreeze_of(section) -> int | str:
+    """A train_transfer section's fine_tune.unfreeze, with auto read as the first layer of its base's last
+    stage (Base.top_layer), so that changing the base needs no other param."""
+    unfreeze = section.fine_tune.unfreeze
+    return get_base(section.base).top_layer if unfreeze == "auto" else unfreeze
+
+
 def first_trainable_layer(base, unfreeze: int | str) -> int:
     """Index of the first base layer phase 2 trains: the last `unfreeze` layers, or from the layer so named."""
     names = [layer.name for layer in base.layers]
@@ -397,8 +405,8 @@ def first_trainable_layer(base, unfreeze: int | str) -> int:
         if unfreeze not in names:
             raise UserError(
                 f"train_transfer.fine_tune.unfreeze = {unfreeze!r}: {base.name} has no layer of that name."
-                f" Its last layers are: {', '.join(names[-12:])}. Give a layer name of this base or a number of"
-                " top layers."
+                f" Its last layers are: {', '.join(names[-12:])}. Give a layer name of this base, a number of"
+                " top layers, or auto (the base's last stage)."
             )
         return names.index(unfreeze)
     if unfreeze > len(names):
