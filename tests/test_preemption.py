@@ -102,7 +102,6 @@ def test_a_stages_worker_processes_end_quietly_when_their_pool_is_closed(project
     assert "Traceback" not in result.stderr and "Terminated" not in result.stderr, result.stderr
 
 
-
 def test_a_stages_forked_workers_get_sigterms_default_back(project):
     # The stage's SIGTERM handler is Python-level, so it runs only between bytecodes. A forked worker
     # that kept it and was asleep on its pool's task lock when the pool sent SIGTERM never ran it, and
