@@ -146,6 +146,7 @@ def main() -> None:
     started = time.perf_counter()
     if not arguments.report:
         search.check_names_are_free(settings, study)
+        search.check_layer_names(settings, load_params().train_transfer)
         if above and not searched_above:  # once here, instead of in every trial
             bring_up_to_date(above)
         # SIGTERM (a spot VM's notice, `kill`) ends the study like Ctrl-C: the running trials are marked failed.

@@ -77,7 +77,7 @@ def _measure(workdir: Path) -> dict:
     val = ImageBatches(*splits["val"], num_classes, 64)
     uncached_epoch = fit_seconds(classifier, train, val, 1, section.head.learning_rate)
     # One phase-2 epoch on freshly augmented images (cached_copies = 0), against the stage's cached epochs.
-    transfer.unfreeze_top(base, transfer.unfreeze_of(section))
+    transfer.unfreeze_top(base, transfer.first_trainable_layer(base, section))
     augmented = transfer.with_augmentation(classifier, section.fine_tune.augment, params.seed, image_size)
     fine_tune_epoch = fit_seconds(augmented, train, val, 1, section.fine_tune.learning_rate)
     return {"stage_accuracy": stage_accuracy, "probe_accuracy": probe_accuracy, "test_images": int(len(test_labels)),

@@ -81,30 +81,34 @@ def test_missing_imagenet_weights_offline_names_file_url_and_cache(tmp_path, mon
     assert str(tmp_path / "models" / file_name) in message
 
 
+def _unfreezing(base_name, unfreeze):
+    return SimpleNamespace(base=base_name, fine_tune=SimpleNamespace(unfreeze=unfreeze))
+
+
 @pytest.mark.parametrize("name", sorted(transfer.BASES))
 def test_unfreeze_auto_trains_each_bases_last_stage(name):
     # auto is the default, so that changing train_transfer.base needs no other param: its layer must exist in
     # every base, and leave most of the base frozen.
     base = transfer.build_base(name, transfer.BASES[name].min_size, "none")
-    section = SimpleNamespace(base=name, fine_tune=SimpleNamespace(unfreeze="auto"))
-    assert transfer.unfreeze_of(section) == transfer.BASES[name].top_layer
-    trained = transfer.unfreeze_top(base, transfer.unfreeze_of(section))
-    assert 0 < trained < len(base.layers) / 2
-    assert base.layers[len(base.layers) - trained].name == transfer.BASES[name].top_layer
+    first = transfer.first_trainable_layer(base, _unfreezing(name, "auto"))
+    assert base.layers[first].name == transfer.BASES[name].top_layer
+    assert 0 < transfer.unfreeze_top(base, first) < len(base.layers) / 2
 
 
 def test_unfreeze_top_layers_or_from_a_named_layer_keeps_batch_norm_frozen():
     import keras
 
     base = transfer.build_base("MobileNetV2", 32, "none")
-    assert transfer.unfreeze_top(base, 10) == 10
+    names = [layer.name for layer in base.layers]
+    assert transfer.unfreeze_top(base, transfer.first_trainable_layer(base, _unfreezing("MobileNetV2", 10))) == 10
     assert [layer.trainable for layer in base.layers[:-10]] == [False] * (len(base.layers) - 10)
     assert all(layer.trainable != isinstance(layer, keras.layers.BatchNormalization) for layer in base.layers[-10:])
-    assert transfer.unfreeze_top(base, "block_16_expand") == len(base.layers) - [l.name for l in base.layers].index("block_16_expand")
+    named = transfer.first_trainable_layer(base, _unfreezing("MobileNetV2", "block_16_expand"))
+    assert named == names.index("block_16_expand")
     with pytest.raises(UserError, match="has no layer of that name.*block_16_project"):
-        transfer.unfreeze_top(base, "block_99")
+        transfer.first_trainable_layer(base, _unfreezing("MobileNetV2", "block_99"))
     with pytest.raises(UserError, match=f"has only {len(base.layers)} layers"):
-        transfer.unfreeze_top(base, 1000)
+        transfer.first_trainable_layer(base, _unfreezing("MobileNetV2", 1000))
 
 
 def test_classifier_turns_raw_pixels_into_probabilities_and_features_match_it():

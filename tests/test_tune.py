@@ -87,6 +87,12 @@ def test_invalid_search_space_names_its_key(project):
     assert "train_cnn and the stages above it do not read" in result.stderr
     assert "train_transfer.dropout" in result.stderr
 
+    # Layer names belong to one base: MobileNetV2's, offered while the pipeline fine-tunes EfficientNetB0.
+    project.set_params(**{"tune.stage": "train_transfer", "train_transfer.base": "EfficientNetB0", "tune.space": {
+        "train_transfer.fine_tune.unfreeze": {"type": "categorical", "choices": ["auto", "block_12_expand"]}}})
+    result = tune(project, check=False)
+    assert "offers layers a base does not have: EfficientNetB0 has no layer block_12_expand." in result.stderr
+
 
 def test_two_workers_run_every_trial_as_an_experiment_and_the_best_one_applies(project):
     """4 trials, 2 at a time, each a DVC experiment; reports/tune/; then `--apply` makes the best the model."""

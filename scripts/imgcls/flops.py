@@ -25,7 +25,7 @@ import keras
 
 from imgcls.dataset import load_manifest
 from imgcls.keras_internals import calls_in_graph
-from imgcls.transfer import augmentation_is_off, first_trainable_layer, unfreeze_of
+from imgcls.transfer import augmentation_is_off, first_trainable_layer
 
 TRAINING_PASSES = 3  # forward + backward (gradients of the activations and of the weights)
 
@@ -155,7 +155,7 @@ def transfer_flops(section, base, head, classifier, log, train_images: int, val_
 
 def _pass_flops(section, base, head, classifier, fine_tune: bool) -> PassFlops:
     """The forward cost of each part; without fine-tuning the whole base is the bottom."""
-    first = first_trainable_layer(base, unfreeze_of(section)) if fine_tune else len(base.layers)
+    first = first_trainable_layer(base, section) if fine_tune else len(base.layers)
     per_layer = [count for _, count in layer_flops(base)]
     return PassFlops(bottom=sum(per_layer[:first]), top=sum(per_layer[first:]), head=forward_flops(head),
                      whole=forward_flops(classifier))

@@ -74,6 +74,28 @@ def check_stages_read_space(settings: TuneParams) -> tuple[list[str], bool]:
     return above, any(reads(params[name], key) for name in above for key in settings.space)
 
 
+def check_layer_names(settings: TuneParams, transfer_section) -> None:
+    """Fail before the first trial when tune.space offers fine_tune.unfreeze a layer name that a base it may
+    train lacks: a layer name belongs to one base, and the params' check cannot see layers without building
+    the network, so each such trial would fail on its own."""
+    unfreeze = settings.space.get("train_transfer.fine_tune.unfreeze")
+    names = [value for value in unfreeze.choices if isinstance(value, str) and value != "auto"] if unfreeze else []
+    if not names:
+        return
+    searched_bases = settings.space.get("train_transfer.base")
+    from imgcls import transfer  # Keras, imported only when there are names to check
+
+    problems = []
+    for base in searched_bases.choices if searched_bases else [transfer_section.base]:
+        layers = {layer.name for layer in transfer.build_base(base, 0, "none").layers}
+        if missing := [name for name in names if name not in layers]:
+            problems.append(f"{base} has no layer {', '.join(missing)}")
+    if problems:
+        raise UserError(f"tune.space.train_transfer.fine_tune.unfreeze offers layers a base does not have:"
+                        f" {'; '.join(problems)}. Offer auto (each base's last stage), numbers of top layers,"
+                        " or names of the tuned base's layers.")
+
+
 def open_study(settings: TuneParams, url: str):
     import optuna
 

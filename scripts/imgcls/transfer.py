@@ -330,7 +330,7 @@ def build_networks(section, num_classes: int, image_size: int, input_size: int) 
     head = build_head(base.output_shape[-1], num_classes, section.dense_units, section.dropout)
     classifier = build_classifier(section.base, base, head, image_size, input_size)
     fine_tune = section.fine_tune.epochs > 0
-    first = first_trainable_layer(base, unfreeze_of(section)) if fine_tune else len(base.layers)
+    first = first_trainable_layer(base, section) if fine_tune else len(base.layers)
     return Networks(base, head, classifier, fine_tune, first, image_size, input_size, base.get_weights())
 
 
@@ -391,15 +391,13 @@ def with_augmentation(classifier, augment, seed: int, image_size: int):
     return keras.Model(inputs, classifier(augmentation(augment, seed)(inputs)), name="augmented_" + classifier.name)
 
 
-def unfreeze_of(section) -> int | str:
-    """A train_transfer section's fine_tune.unfreeze, with auto read as the first layer of its base's last
-    stage (Base.top_layer), so that changing the base needs no other param."""
+def first_trainable_layer(base, section) -> int:
+    """Index of the first base layer phase 2 trains, from a train_transfer section's fine_tune.unfreeze: the
+    last N layers, from the layer so named, or auto: from the first layer of the base's last stage
+    (Base.top_layer), so that changing the base needs no other param."""
     unfreeze = section.fine_tune.unfreeze
-    return get_base(section.base).top_layer if unfreeze == "auto" else unfreeze
-
-
-def first_trainable_layer(base, unfreeze: int | str) -> int:
-    """Index of the first base layer phase 2 trains: the last `unfreeze` layers, or from the layer so named."""
+    if unfreeze == "auto":
+        unfreeze = get_base(section.base).top_layer
     names = [layer.name for layer in base.layers]
     if isinstance(unfreeze, str):
         if unfreeze not in names:
@@ -417,13 +415,12 @@ def first_trainable_layer(base, unfreeze: int | str) -> int:
     return len(names) - unfreeze
 
 
-def unfreeze_top(base, unfreeze: int | str) -> int:
-    """Make the top of the base trainable (see first_trainable_layer); returns how many layers that is.
+def unfreeze_top(base, first: int) -> int:
+    """Make the base trainable from layer `first` (first_trainable_layer) up; returns how many layers that is.
 
     BatchNormalization layers stay frozen: their scale and offset were learnt
     together with their ImageNet statistics, which stay in use (inference mode).
     """
-    first = first_trainable_layer(base, unfreeze)
     base.trainable = True
     for index, layer in enumerate(base.layers):
         layer.trainable = index >= first and not isinstance(layer, keras.layers.BatchNormalization)

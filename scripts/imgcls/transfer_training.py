@@ -216,7 +216,7 @@ def train_head(net: Networks, data: Data, features: tuple | None, log: TrainingL
 def fine_tune(net: Networks, data: Data, cache: Activations | None, log: TrainingLog, best: KeepBest) -> dict:
     """Phase 2: the top of the base unfrozen, with the head, at a lower learning rate (BatchNorm stays frozen)."""
     section = data.section
-    trainable = transfer.unfreeze_top(net.base, transfer.unfreeze_of(section))
+    trainable = transfer.unfreeze_top(net.base, net.first_trainable)
     if cache is not None:
         model = transfer.top_classifier(cache.top, net.head)
         train, val = data.batches(cache.train_versions, cache.val_versions, data.seed + 100, kind=CachedBatches)
