@@ -78,8 +78,9 @@ def check_layer_names(settings: TuneParams, transfer_section) -> None:
     """Fail before the first trial when tune.space offers fine_tune.unfreeze a layer name that a base it may
     train lacks: a layer name belongs to one base, and the params' check cannot see layers without building
     the network, so each such trial would fail on its own."""
-    unfreeze = settings.space.get("train_transfer.fine_tune.unfreeze")
-    names = [value for value in unfreeze.choices if isinstance(value, str) and value != "auto"] if unfreeze else []
+    dimension = settings.space.get("train_transfer.fine_tune.unfreeze")
+    choices = dimension.choices if dimension and dimension.type == "categorical" else []  # int: layer counts
+    names = [value for value in choices if isinstance(value, str) and value != "auto"]
     if not names:
         return
     searched_bases = settings.space.get("train_transfer.base")
