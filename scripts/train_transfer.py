@@ -70,8 +70,8 @@ def main() -> None:
         REPORT_DIR / "train.json", best, seconds, images_seen=len(data.train_labels) * best.epochs_seen,
         parameters=int(choice.classifier.count_params()), trained_on=run.device, winner=choice.winner,
         val_accuracy=choice.val_accuracy, **timings,
-        **flops.transfer_flops(section, net.base, net.head, net.classifier, log, len(data.train_labels),
-                               len(data.val_labels), saved=choice.classifier))
+        **flops.transfer_flops(section, net, log, len(data.train_labels), len(data.val_labels),
+                               saved=choice.classifier))
     run.state.finish()
     print(f"train_transfer: saved models/{NAME}.keras, the {transfer_training.CANDIDATE_LABELS[choice.winner]}"
           f" (val accuracy {choice.val_accuracy:.4f}; best epoch {best.best_epoch} of {best.epochs_seen});"

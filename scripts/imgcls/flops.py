@@ -25,7 +25,7 @@ import keras
 
 from imgcls.dataset import load_manifest
 from imgcls.keras_internals import calls_in_graph
-from imgcls.transfer import augmentation_is_off, first_trainable_layer
+from imgcls.transfer import augmentation_is_off
 
 TRAINING_PASSES = 3  # forward + backward (gradients of the activations and of the weights)
 
@@ -116,21 +116,22 @@ class PassFlops(NamedTuple):
     whole: int  # the classifier: base and head
 
 
-def transfer_flops(section, base, head, classifier, log, train_images: int, val_images: int, saved) -> dict:
+def transfer_flops(section, net, log, train_images: int, val_images: int, saved) -> dict:
     """train.json's FLOP figures for train_transfer: what each phase actually ran, and what the saved model
     (`saved`, test-time views included) costs per photo evaluated.
 
-    The base is split where fine-tuning starts (`section.fine_tune.unfreeze`):
-    the bottom (frozen in both phases) and the top (trained in phase 2). With
-    phase 2 on cached activations, the bottom first runs over every cached
-    version of the images (_cache_flops); then each phase costs what
+    `net` is build_networks' Networks. The base is split where fine-tuning
+    starts (net.first_trainable, from `section.fine_tune.unfreeze`): the bottom
+    (frozen in both phases) and the top (trained in phase 2). With phase 2 on
+    cached activations, the bottom first runs over every cached version of the
+    images (_cache_flops); then each phase costs what
     _head_phase_flops and _fine_tune_phase_flops say. The epochs of each phase
     are read from `log` (its phases and rows), so early stopping is accounted for.
     A phase 1 fitted as the linear probe has no epochs: its cost is the features,
     and its L-BFGS fits, a few GFLOP on the pooled features, are left out.
     """
-    fine_tune = section.fine_tune.epochs > 0
-    flops = _pass_flops(section, base, head, classifier, fine_tune)
+    fine_tune = net.fine_tune
+    flops = _pass_flops(net)
     evaluation = forward_flops(saved)
     head_epochs, fine_tune_epochs = _phase_epochs(log)
     cache_phase2 = fine_tune and section.fine_tune.cached_copies > 0
@@ -153,12 +154,13 @@ def transfer_flops(section, base, head, classifier, log, train_images: int, val_
     }
 
 
-def _pass_flops(section, base, head, classifier, fine_tune: bool) -> PassFlops:
-    """The forward cost of each part; without fine-tuning the whole base is the bottom."""
-    first = first_trainable_layer(base, section) if fine_tune else len(base.layers)
-    per_layer = [count for _, count in layer_flops(base)]
-    return PassFlops(bottom=sum(per_layer[:first]), top=sum(per_layer[first:]), head=forward_flops(head),
-                     whole=forward_flops(classifier))
+def _pass_flops(net) -> PassFlops:
+    """The forward cost of each part; without fine-tuning the whole base is the bottom (net.first_trainable is
+    then len(base.layers))."""
+    per_layer = [count for _, count in layer_flops(net.base)]
+    first = net.first_trainable
+    return PassFlops(bottom=sum(per_layer[:first]), top=sum(per_layer[first:]), head=forward_flops(net.head),
+                     whole=forward_flops(net.classifier))
 
 
 def _phase_epochs(log) -> tuple[int, int]:
